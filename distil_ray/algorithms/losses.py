@@ -72,6 +72,13 @@ def log1mexp(x: torch.Tensor) -> torch.Tensor:
     return torch.where(near_zero, a, b)
 
 
+def masked_teacher(teacher_topk_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The teacher target with padded positions replaced by a harmless constant: padding may hold
+    inf/NaN, and a NaN target poisons the *gradient* even where the loss is masked out."""
+    keep = mask.bool()[..., None]
+    return torch.where(keep, teacher_topk_logprobs.detach(), torch.zeros_like(teacher_topk_logprobs))
+
+
 def topk_log_distributions(student_topk_logprobs, teacher_topk_logprobs, topk_norm: str):
     """Turn top-K log-probs into two proper distributions over the same support.
 
@@ -187,6 +194,7 @@ def distil_loss(
     _check_choice("baseline", baseline, BASELINES)
     if not 0.0 <= gamma <= 1.0:
         raise ValueError(f"gamma={gamma!r}: must lie in [0, 1]")
+    teacher_topk_logprobs = masked_teacher(teacher_topk_logprobs, mask)
     student_logp, teacher_logp = topk_log_distributions(student_topk_logprobs, teacher_topk_logprobs, topk_norm)
     ce = cross_entropy(teacher_logp, student_logp)
     per_token = ce
@@ -236,6 +244,7 @@ def sdpo_loss(
     is multiplied by the IS ratio ``exp(logπ_θ − logπ_old)`` truncated at ``is_clip`` when
     behaviour log-probs are given; token-mean by default.
     """
+    teacher_topk_logprobs = masked_teacher(teacher_topk_logprobs, mask)
     student_logp, teacher_logp = topk_log_distributions(student_topk_logprobs, teacher_topk_logprobs, topk_norm)
     per_token = generalized_jsd(student_logp, teacher_logp, alpha)
     clipped = None
@@ -264,6 +273,7 @@ def opsd_loss(
     (keeps a few stylistic tokens from dominating). ``token_logprobs`` is unused (kept for a
     uniform signature)."""
     del token_logprobs
+    teacher_topk_logprobs = masked_teacher(teacher_topk_logprobs, mask)
     student_logp, teacher_logp = topk_log_distributions(student_topk_logprobs, teacher_topk_logprobs, "renorm")
     per_token = generalized_jsd(student_logp, teacher_logp, beta)
     clipped = None
