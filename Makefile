@@ -1,0 +1,14 @@
+# The two commands a newcomer needs; each sets up .venv itself (see scripts/setup_env.sh).
+.PHONY: setup test demo bench
+
+setup:
+	bash scripts/setup_env.sh
+
+test: setup
+	.venv/bin/python -m pytest -q
+
+demo: setup
+	.venv/bin/python -m distil_ray.demo
+
+bench: setup
+	.venv/bin/python benchmarks/bench_logprobs.py

@@ -1,0 +1,48 @@
+"""The interface every task plugs in through: examples to prompt with, and a grader.
+
+A task turns dataset records into ``TaskExample``s (what the student sees + reference data it must
+never see) and grades a response text into a ``Grade`` (reward for RL, correctness, partial score,
+and feedback text for the teacher's context).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+@dataclass
+class TaskExample:
+    uid: str  # stable across runs: task/split/source id
+    task: str  # task name, e.g. "sciknoweval"
+    messages: list[dict[str, str]]  # chat messages the student sees (system + user)
+    reference: dict[str, Any]  # answer key / tests / reference solution: never in the student's context
+    meta: dict[str, Any] = field(default_factory=dict)  # domain, source, difficulty, ... (for per-group metrics)
+
+
+@dataclass
+class Grade:
+    reward: float  # scalar reward (what GRPO uses)
+    correct: bool  # fully correct
+    score: float  # partial credit in [0, 1] (e.g. fraction of tests passed)
+    feedback: str  # text for the teacher's context (grader message, failing test, traceback)
+    answer: str | None = None  # the extracted final answer (for maj@k); None if none was found
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+class Task(Protocol):
+    name: str
+
+    def load(self, split: str) -> list[TaskExample]:
+        """The examples of a split ("train" / "test" / ...); unknown splits list the valid ones."""
+
+    def grade(self, example: TaskExample, response: str) -> Grade:
+        """Grade one response text (the student's decoded output)."""
+
+
+class DataFormatError(ValueError):
+    """A malformed record: the message names the file and the line."""
+
+    def __init__(self, path, line: int, problem: str):
+        super().__init__(f"{path}:{line}: {problem}")
+        self.path, self.line, self.problem = path, line, problem
