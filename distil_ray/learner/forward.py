@@ -1,0 +1,82 @@
+"""Policy forward pass for the learner: log-probs of response tokens from a causal LM, computed with
+the chunked :func:`gather_logprobs` so that ``[tokens, vocab]`` logits never exist at once.
+
+Positions follow the input: the token at position ``p`` is predicted by the hidden state at
+``p − 1``, so a response token at ``p`` reads ``hidden[p − 1]``. Every output is ``[B, L]`` (or
+``[B, L, K]``) aligned with ``input_ids`` and zero outside ``response_mask``; the losses take them
+as they are, with ``response_mask`` as their mask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from distil_ray.learner.logprobs import gather_logprobs
+
+
+@dataclass
+class ResponseLogprobs:
+    token_logprobs: Tensor  # [B, L]   log π(y_p | s_p) at response positions (differentiable)
+    topk_logprobs: Tensor | None  # [B, L, K] log π at the given top-k ids (differentiable)
+    entropy: Tensor  # [B, L]   entropy of π at response positions (no grad)
+
+
+def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
+    """0, 1, 2, ... over real tokens, so left padding does not shift positions."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def output_embedding(model) -> Tensor:
+    return model.get_output_embeddings().weight
+
+
+def response_logprobs(
+    model,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    response_mask: Tensor,
+    topk_ids: Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+    chunk_size: int = 256,
+) -> ResponseLogprobs:
+    """Log-probs of the response tokens of ``input_ids`` under ``model`` (a HF causal LM).
+
+    ``topk_ids`` (``[B, L, K]``, aligned like ``input_ids``) are the teacher's top-k ids for each
+    response position; the student's log-probs at those ids come back in ``topk_logprobs``.
+    """
+    if response_mask[:, 0].any():
+        raise ValueError("a response token at position 0 has no state to predict it from")
+    body = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    hidden = body(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+    ).last_hidden_state
+    rows, cols = response_mask.bool().nonzero(as_tuple=True)
+    gathered = gather_logprobs(
+        hidden[rows, cols - 1],
+        output_embedding(model),
+        input_ids[rows, cols],
+        None if topk_ids is None else topk_ids[rows, cols],
+        temperature=temperature,
+        chunk_size=chunk_size,
+    )
+
+    def scatter(values: Tensor, shape) -> Tensor:
+        out = values.new_zeros(shape)
+        out[rows, cols] = values  # index_put keeps the graph: gradients flow back to `values`
+        return out
+
+    B, L = input_ids.shape
+    topk = None
+    if topk_ids is not None:
+        topk = scatter(gathered.topk_logprobs, (B, L, topk_ids.shape[-1]))
+    return ResponseLogprobs(
+        token_logprobs=scatter(gathered.token_logprobs, (B, L)),
+        topk_logprobs=topk,
+        entropy=scatter(gathered.entropy, (B, L)),
+    )
