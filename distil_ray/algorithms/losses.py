@@ -185,7 +185,8 @@ def distil_loss(
     over y ~ π_θ, is exactly ``∇_θ E_y Σ_t CE_t``: the local term is the dense distillation
     gradient, the future-credit term charges an early token with the disagreement it caused later.
     ``baseline='group'`` subtracts the leave-one-out mean over the prompt's other rollouts
-    (unbiased: see ``group_loo_baseline``).
+    (unbiased: see ``group_loo_baseline``); it needs all rollouts of a prompt in the same call, so
+    a learner that splits a batch into micro-batches must keep groups whole.
 
     ``behaviour_logprobs`` (stale samples) multiplies every token's loss by the per-token ratio
     π_θ/μ truncated at ``is_clip`` — the usual truncated, per-token correction, not the full
