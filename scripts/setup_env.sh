@@ -16,7 +16,10 @@ VENV=${VENV:-.venv}
 EXTRAS=${EXTRAS:-cpu,test}
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 
-# Skip the whole install when nothing it depends on changed since the last successful run.
+# The code sandbox's namespaces (bubblewrap); idempotent, quick when already there, never fatal.
+bash scripts/install_sandbox.sh
+
+# Skip the Python install when nothing it depends on changed since the last successful run.
 stamp="$VENV/.distil_ray-installed-$(cat pyproject.toml scripts/setup_env.sh | sha256sum | cut -c1-16)-${EXTRAS//,/-}"
 if [ -f "$stamp" ]; then
   exit 0
