@@ -7,8 +7,9 @@ and feedback text for the teacher's context).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Iterator, Protocol
 
 
 @dataclass
@@ -46,3 +47,22 @@ class DataFormatError(ValueError):
     def __init__(self, path, line: int, problem: str):
         super().__init__(f"{path}:{line}: {problem}")
         self.path, self.line, self.problem = path, line, problem
+
+
+def iter_jsonl(path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield ``(line_number, record)`` for each non-blank line of a JSON-lines file (1-based).
+
+    A line that is not valid JSON, or not a JSON object, raises ``DataFormatError`` naming the
+    file and the line.
+    """
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataFormatError(path, line_no, f"invalid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(record, dict):
+                raise DataFormatError(path, line_no, f"expected a JSON object, got {type(record).__name__}")
+            yield line_no, record
