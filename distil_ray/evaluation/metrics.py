@@ -51,6 +51,16 @@ def _check_k(k: Any, available: int) -> int:
     return k
 
 
+def _first_k(values: Sequence, k: int | None, metric: str) -> list:
+    """The first ``k`` values (all of them for ``k=None``), validated."""
+    values = list(values)
+    if k is None:
+        if not values:
+            raise ValueError(f"{metric} of an empty sequence is undefined")
+        return values
+    return values[: _check_k(k, len(values))]
+
+
 def pass_at_k(n: int, c: int, k: int) -> float:
     """Unbiased pass@k from ``n`` samples of which ``c`` are correct (Chen et al., 2021).
 
@@ -74,13 +84,8 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 def avg_at_k(correct: Sequence[bool | float], k: int | None = None) -> float:
     """Mean of the first ``k`` values (bools count as 0/1); ``k=None`` uses all of them."""
-    values = list(correct)
-    if k is None:
-        k = len(values)
-        if k == 0:
-            raise ValueError("avg@k of an empty sequence is undefined")
-    k = _check_k(k, len(values))
-    return sum(float(v) for v in values[:k]) / k
+    values = _first_k(correct, k, "avg@k")
+    return sum(float(v) for v in values) / len(values)
 
 
 def majority_answer(answers: Sequence[Hashable | None], k: int | None = None) -> Hashable | None:
@@ -126,13 +131,7 @@ def maj_at_k(
 
 def best_at_k(scores: Sequence[float], k: int | None = None) -> float:
     """The highest of the first ``k`` scores; ``k=None`` uses all of them."""
-    values = list(scores)
-    if k is None:
-        k = len(values)
-        if k == 0:
-            raise ValueError("best@k of an empty sequence is undefined")
-    k = _check_k(k, len(values))
-    return float(max(float(s) for s in values[:k]))
+    return float(max(float(s) for s in _first_k(scores, k, "best@k")))
 
 
 def default_ks(n: int) -> list[int]:

@@ -3,11 +3,9 @@ records, and the wall-clock guard around math-verify (thread and process isolati
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 
@@ -24,7 +22,9 @@ from distil_ray.tasks.math import (
     normalize_record,
 )
 
-DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+from tests.shared_data import SHARED_DATA
+
+DATA = SHARED_DATA
 MATH = DATA / "math"
 SAMPLES = DATA / "samples"
 

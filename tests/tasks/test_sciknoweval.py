@@ -20,7 +20,9 @@ from distil_ray.tasks.sciknoweval import (
     split_records,
 )
 
-DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+from tests.shared_data import SHARED_DATA
+
+DATA = SHARED_DATA
 SKE = DATA / "sciknoweval"
 RAW_SAMPLE = DATA / "samples" / "sciknoweval_hf_raw_L3.jsonl"
 
