@@ -171,6 +171,8 @@ def normalize_answer(answer: Any) -> str:
     s = re.sub(r"\s+", "", s)
     s = s.rstrip(".")
     s = s.strip("$")
+    # AoPS-style choice answers box the number in parentheses: \textbf{(073)}
+    s = re.sub(r"^\((-?\d+)\)$", r"\1", s)
     if _INT.fullmatch(s):
         sign = "-" if s.startswith("-") else ""
         digits = s.lstrip("+-").split(".")[0].lstrip("0") or "0"

@@ -283,3 +283,16 @@ def test_answers_match_details_and_bad_isolation():
         answers_match("1", "2", isolation="fork")
     with pytest.raises(ValueError, match="isolation must be"):
         MathTask(isolation="signal")
+
+
+def test_reference_solutions_grade_correct_against_their_own_answers(task):
+    """Real records, real AoPS/Minerva write-ups: every reference solution that boxes its final answer
+    grades as correct against the record's answer (AIME24's answers carry leading zeros, and one is
+    boxed as ``\\textbf{(073)}``)."""
+    for source in ("aime24", "minerva_math"):
+        graded = [
+            task.grade(ex, ex.reference["solution"])
+            for ex in task.load(source)
+            if ex.reference.get("solution") and "boxed" in ex.reference["solution"]
+        ]
+        assert len(graded) >= 25 and all(g.correct for g in graded), source
