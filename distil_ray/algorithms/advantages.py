@@ -28,9 +28,18 @@ def future_returns(per_token: torch.Tensor, mask: torch.Tensor, gamma: float = 1
     return returns
 
 
+def response_positions(mask: torch.Tensor) -> torch.Tensor:
+    """Index of each token among its row's response tokens (0 for the first), whatever the padding."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
 def group_loo_baseline(values: torch.Tensor, mask: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
-    """Leave-one-out baseline: for rollout i at position t, the mean of ``values[j, t]`` over the
-    *other* rollouts j of the same prompt that reach position t (0 where none does).
+    """Leave-one-out baseline: for rollout i at its t-th response token, the mean of the other
+    rollouts' ``values`` at *their* t-th response token, over the other rollouts j of the same
+    prompt that are that long (0 where none is).
+
+    Positions are counted within each response, not by column, so left padding (which shifts a
+    row's columns by its own length) cannot leak rollout i's length into its baseline.
 
     Why it keeps the expectation: ``b[i, t]`` is a function of the other rollouts only, which are
     sampled independently of rollout i given the prompt, so
@@ -39,12 +48,19 @@ def group_loo_baseline(values: torch.Tensor, mask: torch.Tensor, group_ids: torc
     if group_ids is None:
         raise ValueError("baseline='group' needs group_ids (one id per rollout, shared by rollouts of a prompt)")
     group_ids = torch.as_tensor(group_ids, device=values.device)
+    B = values.shape[0]
+    m = mask.bool()
+    rows = torch.arange(B, device=values.device)[:, None].expand_as(m)[m]
+    pos = response_positions(mask)[m]
+    width = int(pos.max()) + 1 if pos.numel() else 1
+    # re-lay every response from position 0: aligned[i, t] is rollout i's t-th response token
+    aligned = values.new_zeros(B, width).index_put_((rows, pos), values[m])
+    present = values.new_zeros(B, width).index_put_((rows, pos), values.new_ones(pos.shape))
     same = group_ids[:, None] == group_ids[None, :]
-    others = (same & ~torch.eye(len(group_ids), dtype=torch.bool, device=values.device)).to(values.dtype)
-    m = mask.to(values.dtype)
-    sums = others @ (values * m)
-    counts = others @ m
-    return torch.where(counts > 0, sums / counts.clamp(min=1), torch.zeros_like(sums))
+    others = (same & ~torch.eye(B, dtype=torch.bool, device=values.device)).to(values.dtype)
+    sums, counts = others @ aligned, others @ present
+    loo = torch.where(counts > 0, sums / counts.clamp(min=1), torch.zeros_like(sums))
+    return values.new_zeros(values.shape).index_put_(m.nonzero(as_tuple=True), loo[rows, pos])
 
 
 def credit_baseline(returns: torch.Tensor, mask: torch.Tensor, baseline: str, group_ids=None) -> torch.Tensor:
@@ -64,7 +80,8 @@ def group_relative_advantages(
     A prompt with a single rollout has no relative signal: its advantage is 0. The std is the
     unbiased sample std of the group, as in the GRPO paper.
     """
-    rewards = torch.as_tensor(rewards, dtype=torch.float64 if not torch.is_tensor(rewards) else rewards.dtype)
+    # float64 whatever comes in (ints, bools, bf16): means and stds of small groups need the precision
+    rewards = torch.as_tensor(rewards).to(torch.float64)
     group_ids = torch.as_tensor(group_ids, device=rewards.device)
     _, inverse, counts = torch.unique(group_ids, return_inverse=True, return_counts=True)
     n_groups = counts.numel()

@@ -72,11 +72,24 @@ def log1mexp(x: torch.Tensor) -> torch.Tensor:
     return torch.where(near_zero, a, b)
 
 
-def masked_teacher(teacher_topk_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The teacher target with padded positions replaced by a harmless constant: padding may hold
-    inf/NaN, and a NaN target poisons the *gradient* even where the loss is masked out."""
-    keep = mask.bool()[..., None]
-    return torch.where(keep, teacher_topk_logprobs.detach(), torch.zeros_like(teacher_topk_logprobs))
+def masked_inputs(mask: torch.Tensor, *tensors):
+    """Each tensor with the positions outside ``mask`` replaced by 0, in float32 at least.
+
+    Padding (and samples switched off by the distillation mask) may hold inf/NaN; masking the
+    *loss* is not enough, because a NaN input poisons the gradient even where the loss is 0.
+    Half-precision inputs are upcast: the tail bucket and the divergences need float32's range.
+    """
+    keep = mask.bool()
+    out = []
+    for x in tensors:
+        if x is None:
+            out.append(None)
+            continue
+        if x.dtype in (torch.float16, torch.bfloat16):
+            x = x.float()
+        k = keep if x.dim() == keep.dim() else keep[..., None]
+        out.append(torch.where(k, x, torch.zeros((), dtype=x.dtype, device=x.device)))
+    return out
 
 
 def topk_log_distributions(student_topk_logprobs, teacher_topk_logprobs, topk_norm: str):
@@ -106,9 +119,12 @@ def cross_entropy(teacher_logp: torch.Tensor, student_logp: torch.Tensor) -> tor
 
 
 def kl(p_logp: torch.Tensor, q_logp: torch.Tensor) -> torch.Tensor:
-    """``KL(p‖q)`` over the last dim; entries with p = 0 contribute 0 (xlogy convention)."""
-    p = p_logp.exp()
-    return (torch.special.xlogy(p, p) - p * q_logp).sum(-1)
+    """``KL(p‖q) = Σ p (log p − log q)`` over the last dim, from log-probabilities.
+
+    Written on the log-probs (as ``F.kl_div(log_target=True)``), not as ``xlogy(p, p)``: a
+    probability that underflows to 0 then contributes 0 to the value *and* a finite gradient.
+    """
+    return (p_logp.exp() * (p_logp - q_logp)).sum(-1)
 
 
 def generalized_jsd(student_logp: torch.Tensor, teacher_logp: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -188,6 +204,13 @@ def distil_loss(
     (unbiased: see ``group_loo_baseline``); it needs all rollouts of a prompt in the same call, so
     a learner that splits a batch into micro-batches must keep groups whole.
 
+    What "exact" assumes: the teacher at ``s_t`` is treated as fixed — as in DAgger, where the
+    expert relabels the states the learner visited. When the feedback is computed from the whole
+    response (an execution trace, a grader message), the teacher's context depends on later tokens
+    too, and the estimator ignores that dependence by design. Exactness also needs a fixed
+    normaliser: ``seq-sum`` or a constant ``denominator``; ``token-mean`` divides by a token count
+    that depends on the samples (a per-batch rescaling — the direction within a batch is kept).
+
     ``behaviour_logprobs`` (stale samples) multiplies every token's loss by the per-token ratio
     π_θ/μ truncated at ``is_clip`` — the usual truncated, per-token correction, not the full
     product of ratios an exact off-policy future-credit estimate would need.
@@ -195,17 +218,23 @@ def distil_loss(
     _check_choice("baseline", baseline, BASELINES)
     if not 0.0 <= gamma <= 1.0:
         raise ValueError(f"gamma={gamma!r}: must lie in [0, 1]")
-    teacher_topk_logprobs = masked_teacher(teacher_topk_logprobs, mask)
+    token_logprobs, student_topk_logprobs, teacher_topk_logprobs, behaviour_logprobs = masked_inputs(
+        mask, token_logprobs, student_topk_logprobs, teacher_topk_logprobs, behaviour_logprobs
+    )
     student_logp, teacher_logp = topk_log_distributions(student_topk_logprobs, teacher_topk_logprobs, topk_norm)
     ce = cross_entropy(teacher_logp, student_logp)
     per_token = ce
     metrics = {}
     if future_credit_coef != 0.0:
         returns = future_returns(ce.detach(), mask, gamma)
-        credit = returns - credit_baseline(returns, mask, baseline, group_ids)
+        b = credit_baseline(returns, mask, baseline, group_ids)
+        credit = returns - b
         per_token = per_token + future_credit_coef * credit * token_logprobs
         metrics["distil/future_credit_abs"] = _masked_mean(credit.abs(), mask)
         metrics["distil/future_return"] = _masked_mean(returns, mask)
+        if baseline == "group":
+            # tokens with no same-group sibling that long (e.g. a group split across micro-batches) get b = 0
+            metrics["distil/baseline_coverage"] = _masked_mean((b != 0).to(torch.float64), mask)
     clipped = None
     if behaviour_logprobs is not None:
         ratio, clipped = importance_ratio(token_logprobs, behaviour_logprobs, is_clip)
@@ -213,6 +242,8 @@ def distil_loss(
     loss = aggregate(per_token, mask, loss_agg, denominator)
     metrics["distil/ce"] = _masked_mean(ce, mask)
     metrics["distil/kl"] = _masked_mean(kl(teacher_logp, student_logp), mask)
+    # how much of the teacher's mass the top-K keeps (what renormalisation rescales)
+    metrics["distil/teacher_topk_mass"] = _masked_mean(teacher_topk_logprobs.exp().sum(-1), mask)
     metrics.update(_common_metrics("distil", mask, entropy, clipped))
     return loss, metrics
 
@@ -244,16 +275,22 @@ def sdpo_loss(
     over the teacher's top-K (+ tail bucket, or renormalised), per token; each token's divergence
     is multiplied by the IS ratio ``exp(logπ_θ − logπ_old)`` truncated at ``is_clip`` when
     behaviour log-probs are given; token-mean by default.
+
+    The support is whatever ids the log-probs were gathered at: the reference implementation
+    uses the *student's* top-k (teacher scored at those ids), this project's default pipeline the
+    teacher's top-k; the divergence itself is the same function.
     """
-    teacher_topk_logprobs = masked_teacher(teacher_topk_logprobs, mask)
+    token_logprobs, student_topk_logprobs, teacher_topk_logprobs, behaviour_logprobs = masked_inputs(
+        mask, token_logprobs, student_topk_logprobs, teacher_topk_logprobs, behaviour_logprobs
+    )
     student_logp, teacher_logp = topk_log_distributions(student_topk_logprobs, teacher_topk_logprobs, topk_norm)
-    per_token = generalized_jsd(student_logp, teacher_logp, alpha)
-    clipped = None
+    divergence = generalized_jsd(student_logp, teacher_logp, alpha)
+    per_token, clipped = divergence, None
     if behaviour_logprobs is not None:
         ratio, clipped = importance_ratio(token_logprobs, behaviour_logprobs, is_clip)
-        per_token = per_token * ratio
+        per_token = divergence * ratio
     loss = aggregate(per_token, mask, loss_agg, denominator)
-    metrics = {"sdpo/divergence": _masked_mean(per_token, mask)}
+    metrics = {"sdpo/divergence": _masked_mean(divergence, mask)}
     metrics.update(_common_metrics("sdpo", mask, entropy, clipped))
     return loss, metrics
 
@@ -274,7 +311,7 @@ def opsd_loss(
     (keeps a few stylistic tokens from dominating). ``token_logprobs`` is unused (kept for a
     uniform signature)."""
     del token_logprobs
-    teacher_topk_logprobs = masked_teacher(teacher_topk_logprobs, mask)
+    student_topk_logprobs, teacher_topk_logprobs = masked_inputs(mask, student_topk_logprobs, teacher_topk_logprobs)
     student_logp, teacher_logp = topk_log_distributions(student_topk_logprobs, teacher_topk_logprobs, "renorm")
     per_token = generalized_jsd(student_logp, teacher_logp, beta)
     clipped = None
@@ -298,12 +335,15 @@ def grpo_loss(
     old_logprobs: torch.Tensor | None = None,
     clip_eps_low: float = 0.2,
     clip_eps_high: float = 0.28,
+    clip_ratio_c: float | None = None,
     loss_agg: str = "token-mean",
     entropy: torch.Tensor | None = None,
     denominator=None,
 ):
     """Clipped policy gradient (PPO surrogate with clip-higher):
     ``max(−A·ρ, −A·clip(ρ, 1−ε_low, 1+ε_high))``, ``ρ = exp(logπ_θ − logπ_old)``.
+    ``clip_ratio_c`` (dual clip, e.g. 3) further caps the loss of a negative-advantage token at
+    ``−A·c``, so a very stale sample with a huge ratio cannot dominate the batch.
 
     ``advantages`` is ``[B]`` (one per sequence, e.g. ``group_relative_advantages``) or ``[B,T]``.
     Without ``old_logprobs`` the update is on-policy (ρ ≡ 1, the plain policy gradient).
@@ -316,6 +356,11 @@ def grpo_loss(
     unclipped = -advantages * ratio
     clipped_obj = -advantages * ratio.clamp(1.0 - clip_eps_low, 1.0 + clip_eps_high)
     per_token = torch.maximum(unclipped, clipped_obj)
+    if clip_ratio_c is not None:
+        if clip_ratio_c <= 1.0:
+            raise ValueError(f"clip_ratio_c={clip_ratio_c!r}: must be > 1")
+        dual = torch.minimum(per_token, -advantages * clip_ratio_c)
+        per_token = torch.where(advantages < 0, dual, per_token)
     loss = aggregate(per_token, mask, loss_agg, denominator)
     metrics = {
         "grpo/advantage": _masked_mean(advantages.expand_as(token_logprobs), mask),

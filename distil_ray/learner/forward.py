@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from distil_ray.learner.logprobs import gather_logprobs
+from distil_ray.models.lm_head import output_embedding
 
 
 @dataclass
@@ -26,10 +27,6 @@ class ResponseLogprobs:
 def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
     """0, 1, 2, ... over real tokens, so left padding does not shift positions."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def output_embedding(model) -> Tensor:
-    return model.get_output_embeddings().weight
 
 
 def response_logprobs(
@@ -54,6 +51,7 @@ def response_logprobs(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids_from_mask(attention_mask),
+        use_cache=False,
     ).last_hidden_state
     rows, cols = response_mask.bool().nonzero(as_tuple=True)
     gathered = gather_logprobs(

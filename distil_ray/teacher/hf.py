@@ -14,6 +14,8 @@ from typing import Sequence
 
 import torch
 
+from distil_ray.models.lm_head import output_embedding
+
 
 @dataclass
 class TeacherScores:
@@ -32,10 +34,11 @@ def score_topk(
     temperature: float = 1.0,
     chunk_size: int = 256,
 ) -> list[TeacherScores]:
-    """Score each (teacher prompt, response) pair; one forward per pair (no padding to get wrong)."""
+    """Score each (teacher prompt, response) pair; one forward per pair (no padding to get wrong).
+    Call it with the model in eval mode: dropout would add noise to the teacher's log-probs."""
     if len(teacher_prompt_ids) != len(response_ids):
         raise ValueError("one teacher prompt per response")
-    weight = model.get_output_embeddings().weight
+    weight = output_embedding(model)
     body = model.get_decoder()
     device = weight.device
     out = []
@@ -43,7 +46,7 @@ def score_topk(
         if len(prompt) == 0:
             raise ValueError("the teacher prompt is empty: the first response token has no state")
         ids = torch.tensor([list(prompt) + list(response)], device=device)
-        hidden = body(input_ids=ids).last_hidden_state[0]
+        hidden = body(input_ids=ids, use_cache=False).last_hidden_state[0]
         # the state that predicts response token t sits one position earlier
         states = hidden[len(prompt) - 1 : len(prompt) - 1 + len(response)]
         targets = ids[0, len(prompt) :]
@@ -56,7 +59,7 @@ def score_topk(
             top_lp.append(lp)
             tok_lp.append(logp.gather(-1, targets[start : start + chunk_size, None])[:, 0])
         if len(response) == 0:
-            empty = torch.zeros(0, k)
+            empty = torch.zeros(0, min(k, weight.shape[0]))
             out.append(TeacherScores(empty.long(), empty, torch.zeros(0)))
             continue
         out.append(TeacherScores(torch.cat(top_ids).cpu(), torch.cat(top_lp).cpu(), torch.cat(tok_lp).cpu()))

@@ -20,11 +20,19 @@ class TabularPolicy:
         # the teacher: a fixed table over the same prefixes (it sees feedback the student does not)
         self.teacher_logits = scale * torch.randn(len(self.prefixes), vocab, generator=gen, dtype=dtype)
 
-    def sequences(self):
-        return list(itertools.product(range(self.vocab), repeat=self.horizon))
+    def sequences(self, eos: int | None = None):
+        """All sequences of length ``horizon``; with ``eos``, every sequence that ends at its first
+        EOS or at the horizon (variable lengths, probabilities still summing to 1)."""
+        full = list(itertools.product(range(self.vocab), repeat=self.horizon))
+        if eos is None:
+            return full
+        out = set()
+        for y in full:
+            out.add(y[: y.index(eos) + 1] if eos in y else y)
+        return sorted(out)
 
     def rows(self, y):
-        return [self.index[tuple(y[:t])] for t in range(self.horizon)]
+        return [self.index[tuple(y[:t])] for t in range(len(y))]
 
     def student_logp(self, y) -> torch.Tensor:
         """``[H, V]`` log π_θ(·|s_t) along y (differentiable)."""
@@ -35,18 +43,26 @@ class TabularPolicy:
 
     def seq_logprob(self, y) -> torch.Tensor:
         logp = self.student_logp(y)
-        return logp[torch.arange(self.horizon), torch.tensor(y)].sum()
+        return logp[torch.arange(len(y)), torch.tensor(y)].sum()
 
-    def loss_inputs(self, y):
-        """The inputs a loss sees for one rollout, K = V (teacher 'top-k' = the whole vocabulary)."""
+    def loss_inputs(self, y, pad: str = "right"):
+        """The inputs a loss sees for one rollout, K = V (teacher 'top-k' = the whole vocabulary),
+        padded to the horizon on the given side."""
         s, t = self.student_logp(y), self.teacher_logp(y)
-        tok = s[torch.arange(self.horizon), torch.tensor(y)]
-        return tok[None], s[None], t[None], torch.ones(1, self.horizon, dtype=torch.bool)
+        tok = s[torch.arange(len(y)), torch.tensor(y)]
+        mask = torch.ones(len(y), dtype=torch.bool)
+        n_pad = self.horizon - len(y)
 
-    def exact_objective(self) -> torch.Tensor:
+        def padded(x):
+            z = torch.zeros((n_pad,) + x.shape[1:], dtype=x.dtype)
+            return torch.cat([z, x] if pad == "left" else [x, z])[None]
+
+        return padded(tok), padded(s), padded(t), padded(mask)
+
+    def exact_objective(self, eos: int | None = None) -> torch.Tensor:
         """L(θ) = Σ_y π_θ(y) Σ_t CE(π_T(·|s_t), π_θ(·|s_t)), by enumeration."""
         total = 0.0
-        for y in self.sequences():
+        for y in self.sequences(eos):
             s, t = self.student_logp(y), self.teacher_logp(y)
             ce = -(t.exp() * s).sum()
             total = total + self.seq_logprob(y).exp() * ce

@@ -2,8 +2,10 @@
 
 Tabular student (vocab 3, horizon 3, every prefix its own logits: 27 sequences), a fixed random
 teacher table, float64. ``∇ Σ_y π_θ(y) Σ_t CE_t`` (autograd through the enumeration) must equal
-``Σ_y π_θ(y) ∇ surrogate(y)``. A sign error, a missing future-credit term, or credit that flows
-backwards in time (G_t including CE_t or earlier terms) breaks the equality.
+``Σ_y π_θ(y) ∇ surrogate(y)``. A sign error, a wrong coefficient, or a missing future-credit term
+breaks the equality. Credit flowing backwards in time (G_t including CE_t or earlier terms) does
+not: those terms do not depend on y_t, so they have zero mean and only add variance — that is
+what ``test_future_returns_only_look_forward`` pins down directly.
 """
 
 import itertools
@@ -71,10 +73,10 @@ def test_future_returns_only_look_forward():
     torch.testing.assert_close(g_half, torch.tensor([[6.0, 8.0, 8.0, 0.0, 0.0]], dtype=torch.float64))
 
 
-def _pair_estimates(policy, baseline):
+def _pair_estimates(policy, baseline, eos=None, pad="right"):
     """Every pair (y1, y2) of rollouts of one prompt: its probability and the gradient estimate."""
-    seqs = policy.sequences()
-    inputs = [policy.loss_inputs(y) for y in seqs]
+    seqs = policy.sequences(eos)
+    inputs = [policy.loss_inputs(y, pad) for y in seqs]
     probs = torch.stack([policy.seq_logprob(y).exp().detach() for y in seqs])
     weights, grads = [], []
     for i, j in itertools.product(range(len(seqs)), repeat=2):
@@ -101,6 +103,20 @@ def test_group_baseline_keeps_expectation_and_reduces_variance():
     assert stats["group"] < 0.8 * stats["none"]
 
 
+@pytest.mark.parametrize("pad", ["right", "left"])
+@pytest.mark.parametrize("baseline", ["none", "group"])
+def test_variable_lengths_and_either_padding_stay_exact(pad, baseline):
+    """Responses end at their first EOS (lengths 1–3) and are padded left or right in the batch:
+    the expected gradient over all pairs of rollouts is still exactly ∇L."""
+    policy = TabularPolicy(vocab=3, horizon=3, seed=6)
+    eos = 2
+    total = sum(policy.seq_logprob(y).exp() for y in policy.sequences(eos))
+    assert float(total.detach()) == pytest.approx(1.0, abs=1e-12)
+    exact = policy.grad(policy.exact_objective(eos)).flatten()
+    w, g = _pair_estimates(policy, baseline, eos, pad)
+    torch.testing.assert_close((w[:, None] * g).sum(0), exact, rtol=0, atol=1e-9)
+
+
 def test_group_baseline_is_leave_one_out_and_per_position():
     values = torch.tensor([[1.0, 2.0, 3.0], [3.0, 4.0, 0.0], [5.0, 6.0, 7.0], [9.0, 9.0, 9.0]])
     mask = torch.tensor([[1, 1, 1], [1, 1, 0], [1, 1, 1], [1, 1, 1]])
@@ -109,9 +125,15 @@ def test_group_baseline_is_leave_one_out_and_per_position():
     expected = torch.tensor(
         [
             [4.0, 5.0, 7.0],  # others: rows 1, 2 (row 1 has no token at t=2)
-            [3.0, 4.0, 5.0],  # others: rows 0, 2
+            [3.0, 4.0, 0.0],  # others: rows 0, 2 (t=2 is not one of its response tokens)
             [2.0, 3.0, 3.0],  # others: rows 0, 1
             [0.0, 0.0, 0.0],  # alone in its group
         ]
     )
     torch.testing.assert_close(b, expected)
+    # positions count within each response: left-padding a row does not change its baseline
+    shifted_values = torch.tensor([[1.0, 2.0, 3.0], [0.0, 3.0, 4.0], [5.0, 6.0, 7.0], [9.0, 9.0, 9.0]])
+    shifted_mask = torch.tensor([[1, 1, 1], [0, 1, 1], [1, 1, 1], [1, 1, 1]])
+    b = group_loo_baseline(shifted_values, shifted_mask, groups)
+    torch.testing.assert_close(b[[0, 2, 3]], expected[[0, 2, 3]])
+    torch.testing.assert_close(b[1], torch.tensor([0.0, 3.0, 4.0]))

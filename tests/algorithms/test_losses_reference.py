@@ -293,3 +293,97 @@ def test_padding_garbage_does_not_leak():
         assert torch.isfinite(loss) and float(loss.detach()) == pytest.approx(float(clean.detach()), rel=1e-12)
         (g,) = torch.autograd.grad(loss, student)
         assert torch.isfinite(g).all()
+
+
+# ---------------------------------------------------------------- stop-gradients and numerics
+
+
+def test_teacher_is_a_stop_gradient_target():
+    batch = random_batch(5)
+    teacher = batch["teacher_topk_logprobs"].clone().requires_grad_()
+    student = batch["student_topk_logprobs"].clone().requires_grad_()
+    for loss_fn in (distil_loss, sdpo_loss, opsd_loss):
+        loss, _ = loss_fn(batch["token_logprobs"], student, teacher, batch["mask"])
+        g_teacher, g_student = torch.autograd.grad(loss, [teacher, student], allow_unused=True)
+        assert g_teacher is None or not g_teacher.any(), loss_fn.__name__
+        assert g_student.abs().max() > 0
+
+
+@pytest.mark.parametrize("loss_fn", [distil_loss, sdpo_loss])
+def test_importance_ratio_scales_each_token_gradient_and_is_not_differentiated(loss_fn):
+    """With one token per sequence, ∇ loss_IS = ratio · ∇ loss (ratio detached and clipped)."""
+    batch = random_batch(6)
+    mask = torch.zeros(B, T, dtype=torch.long)
+    mask[:, 2] = 1
+    tok = batch["token_logprobs"].clone().requires_grad_()
+    student = batch["student_topk_logprobs"].clone().requires_grad_()
+    kwargs = dict(loss_agg="seq-sum") if loss_fn is distil_loss else {}
+    plain, _ = loss_fn(tok, student, batch["teacher_topk_logprobs"], mask, **kwargs)
+    weighted, _ = loss_fn(tok, student, batch["teacher_topk_logprobs"], mask, behaviour_logprobs=batch["behaviour"], is_clip=1.5, **kwargs)
+    g_plain = torch.autograd.grad(plain, [tok, student], allow_unused=True)
+    g_weighted = torch.autograd.grad(weighted, [tok, student], allow_unused=True)
+    ratio = (batch["token_logprobs"] - batch["behaviour"]).exp().clamp(max=1.5)[:, 2]
+    for gp, gw in zip(g_plain, g_weighted):
+        if gp is None:
+            assert gw is None or not gw.any()
+            continue
+        scale = ratio.view(B, *([1] * (gp.dim() - 1)))
+        torch.testing.assert_close(gw, gp * scale, rtol=1e-12, atol=1e-15)
+
+
+def test_underflowing_student_probability_keeps_gradients_finite():
+    # float32 log-prob −150: its probability is exactly 0 in float32
+    student = torch.tensor([[[-0.01, -5.0, -150.0]]], dtype=torch.float32, requires_grad=True)
+    teacher = torch.log(torch.tensor([[[0.5, 0.3, 0.1]]], dtype=torch.float32))
+    for loss_fn, kw in ((sdpo_loss, {"alpha": 0.5}), (sdpo_loss, {"alpha": 1.0}), (sdpo_loss, {"alpha": 1.0, "topk_norm": "renorm"}), (opsd_loss, {"beta": 0.5}), (distil_loss, {})):
+        loss, _ = loss_fn(student[..., 0], student, teacher, torch.ones(1, 1), **kw)
+        (g,) = torch.autograd.grad(loss, student)
+        assert torch.isfinite(loss) and torch.isfinite(g).all(), (loss_fn.__name__, kw)
+
+
+def test_garbage_in_every_input_at_masked_positions_keeps_gradients_finite():
+    batch = random_batch(7)
+    off = ~batch["mask"].bool()
+    tok = batch["token_logprobs"].clone()
+    tok[off] = float("nan")
+    student = batch["student_topk_logprobs"].clone()
+    student[off] = float("-inf")
+    behaviour = batch["behaviour"].clone()
+    behaviour[off] = float("nan")
+    tok.requires_grad_()
+    student.requires_grad_()
+    for loss_fn in (distil_loss, sdpo_loss):
+        loss, _ = loss_fn(tok, student, batch["teacher_topk_logprobs"], batch["mask"], behaviour_logprobs=behaviour)
+        grads = torch.autograd.grad(loss, [tok, student], allow_unused=True)
+        assert torch.isfinite(loss) and all(g is None or torch.isfinite(g).all() for g in grads), loss_fn.__name__
+
+
+def test_half_precision_inputs_are_computed_in_float32():
+    batch = random_batch(8)
+    args = [batch[k].to(torch.bfloat16) for k in ("token_logprobs", "student_topk_logprobs", "teacher_topk_logprobs")]
+    loss, _ = sdpo_loss(*args, batch["mask"], topk_norm="tail")
+    ref, _ = sdpo_loss(*[a.double() for a in args], batch["mask"], topk_norm="tail")
+    assert loss.dtype == torch.float32
+    assert float(loss) == pytest.approx(float(ref), rel=1e-5)
+
+
+def test_grpo_dual_clip_by_hand():
+    logp = torch.log(torch.tensor([[0.5, 0.5]], dtype=torch.float64))
+    old = torch.log(torch.tensor([[0.1, 0.4]], dtype=torch.float64))  # ratios 5, 1.25
+    # A=-1: token 1 max(5, 1.28) = 5 → dual clip at c=3 → 3; token 2 max(1.25, 1.25) = 1.25
+    loss, _ = grpo_loss(logp, torch.ones(1, 2), torch.tensor([-1.0]), old_logprobs=old, clip_ratio_c=3.0)
+    assert float(loss) == pytest.approx((3.0 + 1.25) / 2)
+    # positive advantages are untouched by the dual clip
+    a, _ = grpo_loss(logp, torch.ones(1, 2), torch.tensor([1.0]), old_logprobs=old, clip_ratio_c=3.0)
+    b, _ = grpo_loss(logp, torch.ones(1, 2), torch.tensor([1.0]), old_logprobs=old)
+    assert float(a) == float(b)
+    with pytest.raises(ValueError, match="clip_ratio_c"):
+        grpo_loss(logp, torch.ones(1, 2), torch.tensor([1.0]), clip_ratio_c=0.5)
+
+
+def test_group_advantages_accept_integer_and_bool_rewards():
+    groups = torch.tensor([0, 0, 1, 1])
+    for rewards in (torch.tensor([1, 0, 1, 1]), torch.tensor([True, False, True, True])):
+        adv = group_relative_advantages(rewards, groups, normalize_std=True)
+        assert adv.dtype == torch.float64
+        torch.testing.assert_close(adv, torch.tensor([0.7071, -0.7071, 0.0, 0.0], dtype=torch.float64), atol=1e-4, rtol=0)

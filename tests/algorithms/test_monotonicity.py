@@ -24,6 +24,11 @@ What is verified, exactly:
    the geometric mixture q^(1−η)p^η / Z — exact minimiser of η·KL(q'‖p) + (1−η)·KL(q'‖q)
    (checked the same way with the library's ``kl``) — lowers E[r] on a sizeable fraction of the
    same random instances, and raises actions the teacher wants less of.
+
+Statements 3 and 4 are properties of idealised updates in distribution space (what each loss's
+proximal step produces), not of the learner's logit steps (statement 2 shows those promise
+nothing). The link to the library is ``test_mixtures_are_the_proximal_steps_of_each_loss``; the
+two reward checks are numerical confirmations of the mixtures' algebra.
 """
 
 import torch
@@ -122,6 +127,10 @@ def test_mixtures_are_the_proximal_steps_of_each_loss():
             rkl = lambda s: eta * kl(s, logp) + (1 - eta) * kl(s, logq)  # noqa: E731
             assert _zero_grad_at(fce, arithmetic(q, p, eta)) < 1e-12
             assert _zero_grad_at(rkl, geometric(q, p, eta)) < 1e-12
+            # ... and only there: the gradient is clearly non-zero at the start and at the other mixture
+            for objective, elsewhere in ((fce, geometric(q, p, eta)), (rkl, arithmetic(q, p, eta))):
+                assert _zero_grad_at(objective, q) > 1e-3 * eta
+                assert _zero_grad_at(objective, elsewhere) > 1e-8
             # and they really are different points
             assert (arithmetic(q, p, eta) - geometric(q, p, eta)).abs().max() > 1e-6
 

@@ -78,3 +78,16 @@ def test_response_at_position_zero_is_rejected(model_and_tokenizer):
     response_mask[0, 0] = 1
     with pytest.raises(ValueError, match="position 0"):
         response_logprobs(model, input_ids, attention_mask, response_mask, topk_ids)
+
+
+def test_heads_that_are_not_a_plain_matmul_are_refused(model_and_tokenizer):
+    import copy
+
+    model, _ = model_and_tokenizer
+    with_bias = copy.deepcopy(model)
+    with_bias.lm_head.bias = torch.nn.Parameter(torch.zeros(with_bias.lm_head.out_features, dtype=torch.float64))
+    capped = copy.deepcopy(model)
+    capped.config.final_logit_softcapping = 30.0
+    for m in (with_bias, capped):
+        with pytest.raises(NotImplementedError, match="not hidden @ weight"):
+            response_logprobs(m, *make_batch(m.config.vocab_size))
