@@ -1,0 +1,84 @@
+"""FeedbackPool: a task's grader running in a pool of named Ray actors, streaming.
+
+``Grader`` is a plain class (tests drive it without Ray); ``FeedbackPool`` puts one ``Grader`` in
+each of N actors, hands every rollout to the next idle actor, and gives results back in
+completion order — a slow program under test never holds up the grading of the
+samples behind it. Code execution inside a grader goes through the sandbox, so N actors run N
+sandboxed programs at once.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Iterator
+
+import ray
+from ray.util import ActorPool
+
+from distil_ray.records import Graded, Rollout
+from distil_ray.tasks import TaskExample, get_task
+
+
+class Grader:
+    """Grades rollouts of one task into ``Graded`` records."""
+
+    def __init__(self, task_name: str, task_kwargs: dict[str, Any] | None = None):
+        self.task = get_task(task_name, **(task_kwargs or {}))
+
+    def grade(self, example: TaskExample, rollout: Rollout) -> Graded:
+        grade = self.task.grade(example, rollout.text)
+        return Graded.from_rollout(
+            rollout,
+            reward=float(grade.reward),
+            correct=bool(grade.correct),
+            score=float(grade.score),
+            feedback=grade.feedback,
+            answer=grade.answer,
+        )
+
+
+class FeedbackPool:
+    """``num_workers`` grader actors named ``{name}-{i}`` (what the Ray dashboard shows).
+
+    Dispatch is pull-based (``ray.util.ActorPool``): an actor receives the next rollout only when
+    it is idle, so a program that runs into its time limit occupies one actor while the others
+    keep grading. ``num_cpus`` is per actor; fractional values let several share a small machine.
+    """
+
+    def __init__(
+        self,
+        task_name: str,
+        task_kwargs: dict[str, Any] | None = None,
+        *,
+        num_workers: int = 2,
+        num_cpus: float = 0.5,
+        name: str = "feedback",
+    ):
+        if num_workers < 1:
+            raise ValueError(f"feedback.num_workers={num_workers!r}: must be >= 1")
+        actor = ray.remote(num_cpus=num_cpus)(Grader)
+        self.workers = [
+            actor.options(name=f"{name}-{i}").remote(task_name, task_kwargs) for i in range(num_workers)
+        ]
+        self._pool = ActorPool(self.workers)
+
+    def submit(self, example: TaskExample | ray.ObjectRef, rollout: Rollout | ray.ObjectRef) -> None:
+        """Queue one rollout for grading; it starts as soon as an actor is free.
+
+        Pass the example as an ObjectRef (``ray.put`` once per prompt) when its reference data is
+        large (code tests): every sample of the prompt then shares one copy in the object store.
+        """
+        self._pool.submit(lambda worker, job: worker.grade.remote(*job), (example, rollout))
+
+    def as_completed(self) -> Iterator[Graded]:
+        """Yield the graded records of everything submitted, each as soon as it is done."""
+        while self._pool.has_next():
+            yield self._pool.get_next_unordered()
+
+    def grade_all(self, pairs: Iterable[tuple[TaskExample | ray.ObjectRef, Rollout]]) -> list[Graded]:
+        """Grade every (example, rollout) pair in parallel; results in the order given."""
+        return list(self._pool.map(lambda worker, job: worker.grade.remote(*job), list(pairs)))
+
+    def shutdown(self) -> None:
+        for worker in self.workers:
+            ray.kill(worker)
+        self.workers = []
