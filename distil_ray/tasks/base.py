@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterator, Protocol
 
 
@@ -47,6 +48,33 @@ class DataFormatError(ValueError):
     def __init__(self, path, line: int, problem: str):
         super().__init__(f"{path}:{line}: {problem}")
         self.path, self.line, self.problem = path, line, problem
+
+
+RECORD_SUFFIXES = (".jsonl", ".parquet")
+
+
+def find_record_file(stem) -> Path | None:
+    """``{stem}.jsonl`` or ``{stem}.parquet``, whichever exists (JSON lines first)."""
+    for suffix in RECORD_SUFFIXES:
+        path = Path(f"{stem}{suffix}")
+        if path.is_file():
+            return path
+    return None
+
+
+def iter_records(path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """``(number, record)`` for each record of a JSON-lines or Parquet file; the number is the
+    1-based line (JSON lines) or row (Parquet) that a ``DataFormatError`` names."""
+    if str(path).endswith(".parquet"):
+        import pyarrow.parquet as pq  # installed with `datasets`
+
+        row = 0
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+            for record in batch.to_pylist():
+                row += 1
+                yield row, record
+        return
+    yield from iter_jsonl(path)
 
 
 def iter_jsonl(path) -> Iterator[tuple[int, dict[str, Any]]]:

@@ -78,7 +78,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from distil_ray.tasks.base import DataFormatError, Grade, TaskExample, iter_jsonl
+from distil_ray.tasks.base import RECORD_SUFFIXES, DataFormatError, Grade, TaskExample, iter_records
 
 HUB_NAME = "livecodebench/code_generation_lite"
 SPLITS = ("train", "test")
@@ -319,16 +319,16 @@ def example_from_record(
     )
 
 
-def iter_jsonl_records(path: str | os.PathLike) -> Iterator[tuple[Path, int, dict[str, Any]]]:
-    """(file, 1-based line number, record) for every non-blank line of a JSONL file or of every
-    ``*.jsonl`` file in a directory (sorted by name). A line that is not a JSON object raises
+def iter_file_records(path: str | os.PathLike) -> Iterator[tuple[Path, int, dict[str, Any]]]:
+    """(file, 1-based line/row number, record) for every record of a JSON-lines or Parquet file,
+    or of every such file in a directory (sorted by name). A bad line raises
     :class:`DataFormatError`."""
     path = Path(path)
-    files = sorted(path.glob("*.jsonl")) if path.is_dir() else [path]
+    files = sorted(f for f in path.iterdir() if f.suffix in RECORD_SUFFIXES) if path.is_dir() else [path]
     if not files:
-        raise FileNotFoundError(f"no *.jsonl files in {path}")
+        raise FileNotFoundError(f"no *.jsonl or *.parquet files in {path}")
     for f in files:
-        for lineno, rec in iter_jsonl(f):
+        for lineno, rec in iter_records(f):
             yield f, lineno, rec
 
 
@@ -624,7 +624,7 @@ class LiveCodeBenchTask:
             raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
         if Path(self.source).exists():
             out = []
-            for f, lineno, rec in iter_jsonl_records(self.source):
+            for f, lineno, rec in iter_file_records(self.source):
                 try:
                     if self._in_window(rec):
                         out.append(self._example(rec, split))

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from distil_ray.tasks.base import DataFormatError, Grade, TaskExample, iter_jsonl
+from distil_ray.tasks.base import DataFormatError, Grade, TaskExample, find_record_file, iter_records
 
 __all__ = [
     "INSTRUCTION",
@@ -523,9 +523,9 @@ class MathTask:
         if source in self.files:
             return self.files[source]
         if self.data_dir is not None:
-            for name in ("test.jsonl", "train.jsonl"):
-                path = self.data_dir / source / name
-                if path.is_file():
+            for name in ("test", "train"):
+                path = find_record_file(self.data_dir / source / name)
+                if path is not None:
                     return path
         return None
 
@@ -550,11 +550,11 @@ class MathTask:
         return examples
 
     def load_file(self, path: str | Path, source: str, split: str = "test") -> list[TaskExample]:
-        """Examples from a JSON-lines file of any supported schema (errors name file and line)."""
+        """Examples from a JSON-lines or Parquet file of any supported schema (errors name file and line)."""
         if not Path(path).is_file():
             raise FileNotFoundError(f"math data file not found: {path}")
         examples = []
-        for i, (line_no, rec) in enumerate(iter_jsonl(path)):
+        for i, (line_no, rec) in enumerate(iter_records(path)):
             try:
                 examples.append(self.to_example(rec, source, split, index=i))
             except ValueError as e:

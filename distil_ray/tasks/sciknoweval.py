@@ -29,7 +29,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from distil_ray.tasks.base import DataFormatError, Grade, TaskExample, iter_jsonl
+from distil_ray.tasks.base import DataFormatError, Grade, TaskExample, find_record_file, iter_records
 
 __all__ = [
     "DOMAINS",
@@ -240,11 +240,13 @@ class SciKnowEvalTask:
         return examples
 
     def _load_processed(self, domain: str, split: str) -> list[TaskExample]:
-        path = self.data_dir / domain / f"{split}.jsonl"
-        if not path.is_file():
-            raise FileNotFoundError(f"SciKnowEval file not found: {path} (expected {{data_dir}}/{{domain}}/{{split}}.jsonl)")
+        path = find_record_file(self.data_dir / domain / split)
+        if path is None:
+            raise FileNotFoundError(
+                f"SciKnowEval file not found: {self.data_dir / domain / split}.jsonl (or .parquet)"
+            )
         out = []
-        for line_no, rec in iter_jsonl(path):
+        for line_no, rec in iter_records(path):
             missing = [k for k in ("prompt", "answer", "idx") if k not in rec]
             if missing:
                 raise DataFormatError(path, line_no, f"missing field(s) {', '.join(missing)}")
@@ -257,7 +259,7 @@ class SciKnowEvalTask:
         if self._raw_cache is None:
             if self.raw_path is not None:
                 records = []
-                for line_no, rec in iter_jsonl(self.raw_path):
+                for line_no, rec in iter_records(self.raw_path):
                     for key in ("question", "choices", "answerKey", "type", "domain", "details"):
                         if key not in rec:
                             raise DataFormatError(self.raw_path, line_no, f"missing field {key!r}")
