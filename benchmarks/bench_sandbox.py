@@ -28,8 +28,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
-from distil_ray.feedback import sandbox
 from distil_ray.feedback.sandbox import bwrap_status, run_python
+from distil_ray.feedback.sandbox import runner as sandbox_runner
 
 PROGRAM = "import sys\nprint(sum(int(x) for x in sys.stdin.read().split()))\n"
 
@@ -68,12 +68,12 @@ def median_latency(fn, n: int) -> float:
 def without_seccomp():
     """Runs as on an architecture without a filter (no seccomp, no fresh keyring), without
     logging the warning that comes with it."""
-    saved = sandbox._seccomp_for_host, sandbox._log_once
-    sandbox._seccomp_for_host, sandbox._log_once = (lambda: (None, None)), (lambda msg: msg)
+    saved = sandbox_runner._seccomp_for_host, sandbox_runner._log_once
+    sandbox_runner._seccomp_for_host, sandbox_runner._log_once = (lambda: (None, None)), (lambda msg: msg)
     try:
         yield
     finally:
-        sandbox._seccomp_for_host, sandbox._log_once = saved
+        sandbox_runner._seccomp_for_host, sandbox_runner._log_once = saved
 
 
 def main() -> None:
@@ -87,7 +87,7 @@ def main() -> None:
     modes = (["bwrap"] if ok else []) + ["rlimits"]
     if not ok:
         print(f"(bubblewrap unavailable, measuring rlimits-only only: {why})")
-    sandbox._fallback_warned = True  # the fallback is asked for on purpose here: no log noise
+    sandbox_runner._fallback_warned = True  # the fallback is asked for on purpose here: no log noise
     print(f"host: {os.cpu_count()} CPUs, Python {sys.version.split()[0]}, runs={args.runs}, workers={args.workers}")
 
     exe = os.path.realpath(getattr(sys, "_base_executable", None) or sys.executable)

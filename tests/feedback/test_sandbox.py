@@ -30,6 +30,9 @@ import psutil
 import pytest
 
 from distil_ray.feedback import sandbox
+from distil_ray.feedback.sandbox import cgroup as sandbox_cgroup
+from distil_ray.feedback.sandbox import runner as sandbox_runner
+from distil_ray.feedback.sandbox import seccomp as sandbox_seccomp
 from distil_ray.feedback.sandbox import (
     Sandbox,
     SandboxUnavailable,
@@ -43,10 +46,10 @@ BWRAP_OK, BWRAP_WHY = bwrap_status()
 needs_bwrap = pytest.mark.skipif(not BWRAP_OK, reason=f"bubblewrap sandbox unavailable: {BWRAP_WHY}")
 REPO = Path(__file__).resolve().parents[2]
 MODES = [pytest.param("bwrap", marks=needs_bwrap), "rlimits"]
-CGROUP_LAYOUT = sandbox._cgroup_layout()  # ("v1" | "v2", parent dirs), or why no cgroup can be made
+CGROUP_LAYOUT = sandbox_cgroup._cgroup_layout()  # ("v1" | "v2", parent dirs), or why no cgroup can be made
 needs_cgroup = pytest.mark.skipif(isinstance(CGROUP_LAYOUT, str),
                                   reason=f"no writable cgroup on this machine: {CGROUP_LAYOUT}")
-ABI = sandbox._seccomp_for_host()[0]
+ABI = sandbox_seccomp._seccomp_for_host()[0]
 needs_seccomp = pytest.mark.skipif(ABI is None, reason=f"no seccomp filter for {os.uname().machine}")
 
 
@@ -412,7 +415,7 @@ print(status["CapEff"].strip(), status["CapPrm"].strip(), status["CapAmb"].strip
 
 
 def test_rlimits_fallback_is_loud(monkeypatch, caplog):
-    monkeypatch.setattr(sandbox, "_fallback_warned", False)
+    monkeypatch.setattr(sandbox_runner, "_fallback_warned", False)
     with caplog.at_level(logging.WARNING, logger=sandbox.__name__):
         res = run_python("print(input())", "hello\n", isolation="rlimits")
         res2 = run_python("print(1)", isolation="rlimits")
@@ -424,7 +427,7 @@ def test_rlimits_fallback_is_loud(monkeypatch, caplog):
 
 
 def test_auto_falls_back_when_bwrap_is_missing(monkeypatch):
-    monkeypatch.setattr(sandbox, "_fallback_warned", False)
+    monkeypatch.setattr(sandbox_runner, "_fallback_warned", False)
     res = run_python("print('still runs')", bwrap="/nonexistent/bwrap")
     assert res.status == "ok" and res.stdout == "still runs\n"
     assert res.isolation == "rlimits-only"
@@ -533,9 +536,10 @@ def test_threads_multiprocessing_and_subprocess_still_work(mode, marker):
 KEYRING_HOST = r"""
 import ctypes, json, sys
 from distil_ray.feedback import sandbox
+from distil_ray.feedback.sandbox.seccomp import _seccomp_for_host
 libc = ctypes.CDLL(None, use_errno=True)
 L = ctypes.c_long
-nr = sandbox._seccomp_for_host()[0].nr
+nr = _seccomp_for_host()[0].nr
 marker, mode, probe = sys.argv[1:4]
 if libc.syscall(L(nr["keyctl"]), L(1), None) < 0:  # KEYCTL_JOIN_SESSION_KEYRING, anonymous
     sys.exit(f"cannot join a session keyring: errno {ctypes.get_errno()}")
@@ -709,7 +713,7 @@ def test_fallback_kills_setsid_escapee_with_empty_env(use_cgroup, ending, marker
 @needs_cgroup
 def test_no_cgroup_is_left_behind(monkeypatch, marker):
     made = []
-    create = sandbox._Cgroup.create.__func__
+    create = sandbox_cgroup._Cgroup.create.__func__
 
     def recording_create(cls, *args, **kwargs):
         cgroup, why = create(cls, *args, **kwargs)
@@ -717,7 +721,7 @@ def test_no_cgroup_is_left_behind(monkeypatch, marker):
             made.extend(cgroup.dirs)
         return cgroup, why
 
-    monkeypatch.setattr(sandbox._Cgroup, "create", classmethod(recording_create))
+    monkeypatch.setattr(sandbox_cgroup._Cgroup, "create", classmethod(recording_create))
     parents = CGROUP_LAYOUT[1]
     before = {p: set(os.listdir(p)) for p in parents}
     modes = ["bwrap", "rlimits"] if BWRAP_OK else ["rlimits"]
@@ -736,8 +740,8 @@ def test_no_cgroup_is_left_behind(monkeypatch, marker):
 
 
 def test_without_cgroups_the_run_goes_on_with_a_warning(monkeypatch, caplog):
-    monkeypatch.setattr(sandbox, "_cgroup_layout", lambda: "no cgroup here (test)")
-    monkeypatch.setattr(sandbox, "_logged_once", set())
+    monkeypatch.setattr(sandbox_cgroup, "_cgroup_layout", lambda: "no cgroup here (test)")
+    monkeypatch.setattr(sandbox_runner, "_logged_once", set())
     with caplog.at_level(logging.WARNING, logger=sandbox.__name__):
         results = [run_python("print(1)"), run_python("print(2)")]
     for res in results:
@@ -778,16 +782,16 @@ def run_bpf(program: bytes, nr: int, arch: int, arg0: int = 0) -> int:
 ALLOW, EPERM, ENOSYS = 0x7FFF0000, 0x00050000 | errno.EPERM, 0x00050000 | errno.ENOSYS
 
 
-@pytest.mark.parametrize("machine", sorted(sandbox._SYSCALL_ABIS))
+@pytest.mark.parametrize("machine", sorted(sandbox_seccomp._SYSCALL_ABIS))
 def test_filter_decisions(machine):
-    abi = sandbox._SYSCALL_ABIS[machine]
-    prog = sandbox._seccomp_filter(abi)
+    abi = sandbox_seccomp._SYSCALL_ABIS[machine]
+    prog = sandbox_seccomp._seccomp_filter(abi)
     getpid = {"x86_64": 39, "aarch64": 172}[machine]
     assert run_bpf(prog, getpid, abi.audit_arch) == ALLOW
     assert run_bpf(prog, getpid, 0x40000003) == EPERM  # i386 entry point (AUDIT_ARCH_I386)
     if abi.x32_bit:
         assert run_bpf(prog, getpid | abi.x32_bit, abi.audit_arch) == EPERM
-    for name in sandbox._DENIED_SYSCALLS:
+    for name in sandbox_seccomp._DENIED_SYSCALLS:
         assert run_bpf(prog, abi.nr[name], abi.audit_arch) == EPERM, name
     assert run_bpf(prog, abi.nr["clone3"], abi.audit_arch) == ENOSYS
     thread_flags = 0x3D0F00  # what glibc passes for pthread_create
@@ -803,7 +807,7 @@ HEADERS = {
 }
 
 
-@pytest.mark.parametrize("machine", sorted(sandbox._SYSCALL_ABIS))
+@pytest.mark.parametrize("machine", sorted(sandbox_seccomp._SYSCALL_ABIS))
 def test_syscall_numbers_match_kernel_headers(machine):
     header = next((Path(h) for h in HEADERS[machine] if Path(h).exists()), None)
     if header is None:
@@ -813,15 +817,15 @@ def test_syscall_numbers_match_kernel_headers(machine):
         parts = line.split()
         if len(parts) == 3 and parts[0] == "#define" and parts[1].startswith("__NR_") and parts[2].isdigit():
             defined[parts[1][5:]] = int(parts[2])
-    table = sandbox._SYSCALL_ABIS[machine].nr
+    table = sandbox_seccomp._SYSCALL_ABIS[machine].nr
     assert {name: defined.get(name) for name in table} == table
 
 
 @needs_cgroup
 def test_program_never_runs_outside_its_cgroup(monkeypatch, tmp_path):
-    launcher = sandbox._Cgroup.launcher
+    launcher = sandbox_cgroup._Cgroup.launcher
     bad = str(tmp_path / "missing" / "cgroup.procs")  # joining this one fails
-    monkeypatch.setattr(sandbox._Cgroup, "launcher", lambda self, argv: launcher(self, argv)[:4] + [bad]
+    monkeypatch.setattr(sandbox_cgroup._Cgroup, "launcher", lambda self, argv: launcher(self, argv)[:4] + [bad]
                         + launcher(self, argv)[4:])
     tmp_path.chmod(0o777)  # (the fallback shares the host's filesystem: the program could write here)
     res = run_python(f"open({str(tmp_path / 'ran')!r}, 'w').write('x')\n", isolation="rlimits")
