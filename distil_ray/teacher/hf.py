@@ -45,6 +45,10 @@ def score_topk(
     for prompt, response in zip(teacher_prompt_ids, response_ids):
         if len(prompt) == 0:
             raise ValueError("the teacher prompt is empty: the first response token has no state")
+        if len(response) == 0:  # nothing to score: skip the forward pass
+            empty = torch.zeros(0, min(k, weight.shape[0]))
+            out.append(TeacherScores(empty.long(), empty, torch.zeros(0)))
+            continue
         ids = torch.tensor([list(prompt) + list(response)], device=device)
         hidden = body(input_ids=ids, use_cache=False).last_hidden_state[0]
         # the state that predicts response token t sits one position earlier
@@ -58,9 +62,5 @@ def score_topk(
             top_ids.append(idx)
             top_lp.append(lp)
             tok_lp.append(logp.gather(-1, targets[start : start + chunk_size, None])[:, 0])
-        if len(response) == 0:
-            empty = torch.zeros(0, min(k, weight.shape[0]))
-            out.append(TeacherScores(empty.long(), empty, torch.zeros(0)))
-            continue
         out.append(TeacherScores(torch.cat(top_ids).cpu(), torch.cat(top_lp).cpu(), torch.cat(tok_lp).cpu()))
     return out

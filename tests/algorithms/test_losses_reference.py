@@ -39,6 +39,12 @@ def random_batch(seed=0):
     )
 
 
+def loss_args(batch, **overrides):
+    """The four positional tensors every teacher-based loss takes, optionally replaced."""
+    keys = ("token_logprobs", "student_topk_logprobs", "teacher_topk_logprobs", "mask")
+    return [overrides.get(k, batch[k]) for k in keys]
+
+
 # ---------------------------------------------------------------- numpy references (loops)
 
 
@@ -97,10 +103,7 @@ def test_sdpo_matches_reference(alpha, norm, is_clip):
         for b in range(B)
     ]
     loss, metrics = sdpo_loss(
-        batch["token_logprobs"],
-        batch["student_topk_logprobs"],
-        batch["teacher_topk_logprobs"],
-        batch["mask"],
+        *loss_args(batch),
         alpha=alpha,
         topk_norm=norm,
         behaviour_logprobs=batch["behaviour"] if is_clip else None,
@@ -151,10 +154,7 @@ def test_opsd_matches_reference(beta, token_clip):
     if token_clip is not None:
         ref = [[min(x, token_clip) for x in row] for row in ref]
     loss, _ = opsd_loss(
-        batch["token_logprobs"],
-        batch["student_topk_logprobs"],
-        batch["teacher_topk_logprobs"],
-        batch["mask"],
+        *loss_args(batch),
         beta=beta,
         token_clip=token_clip,
     )
@@ -191,10 +191,7 @@ def test_distil_value_matches_reference(loss_agg, norm):
             row.append((ce[b][t] + lam * g * logp[b][t]) * np_ratio(batch, b, t, clip))
         ref.append(row)
     loss, metrics = distil_loss(
-        batch["token_logprobs"],
-        batch["student_topk_logprobs"],
-        batch["teacher_topk_logprobs"],
-        batch["mask"],
+        *loss_args(batch),
         future_credit_coef=lam,
         gamma=gamma,
         topk_norm=norm,
@@ -272,7 +269,7 @@ def test_sft_by_hand():
 def test_bad_option_names_the_key_and_allowed_values(kwargs, key):
     batch = random_batch(0)
     with pytest.raises(ValueError, match=rf"{key}=.*allowed values"):
-        distil_loss(batch["token_logprobs"], batch["student_topk_logprobs"], batch["teacher_topk_logprobs"], batch["mask"], **kwargs)
+        distil_loss(*loss_args(batch), **kwargs)
 
 
 def test_registry():
