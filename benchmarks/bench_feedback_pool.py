@@ -39,7 +39,7 @@ def main():
     example = example_from_record(json.loads(RECORDS.read_text().splitlines()[0]), "test")
     n_tests = len(example.reference["tests"])
     rollouts = [
-        Rollout(example.uid, i, np.zeros(1, np.int32), np.zeros(1, np.float32), "stop", 0, SOLUTION)
+        Rollout(example.uid, i, np.zeros(1, np.int32), np.zeros(1, np.float32), "stop", 0, SOLUTION, np.zeros(1, np.int32))
         for i in range(args.gradings)
     ]
 

@@ -33,6 +33,7 @@ class Rollout:
     finish_reason: str  # "stop" | "length" | ...
     policy_version: int
     text: str  # decoded response
+    prompt_ids: np.ndarray  # [P] int32, the student's prompt: the learner scores prompt + response
 
 
 @dataclass

@@ -8,7 +8,7 @@ from distil_ray.records import Graded, Rollout, Scored
 
 
 def make_rollout():
-    return Rollout("p7", 2, np.arange(4, dtype=np.int32), np.full(4, -0.5, np.float32), "stop", 5, "abcd")
+    return Rollout("p7", 2, np.arange(4, dtype=np.int32), np.full(4, -0.5, np.float32), "stop", 5, "abcd", np.arange(3, dtype=np.int32))
 
 
 def test_each_stage_keeps_the_previous_fields_and_shares_arrays():

@@ -36,7 +36,7 @@ def ray_cluster():
 
 def rollout(text: str, index: int = 0) -> Rollout:
     ids = np.arange(5, dtype=np.int32)
-    return Rollout("p0", index, ids, np.zeros(5, np.float32), "stop", policy_version=3, text=text)
+    return Rollout("p0", index, ids, np.zeros(5, np.float32), "stop", policy_version=3, text=text, prompt_ids=np.arange(3, dtype=np.int32))
 
 
 def code(body: str) -> str:
