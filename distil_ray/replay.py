@@ -1,0 +1,136 @@
+"""ReplayQueue: the bounded hand-off between the producers (rollout → feedback → teacher) and the
+learners.
+
+It holds ObjectRefs, never the records themselves: a group of ``Scored`` records (all samples of one
+prompt) goes into the object store once, the queue keeps its reference and the policy version that
+generated it, and the learner ranks ``ray.get`` the records directly. The queue decides three things:
+
+* **back-pressure**: ``put`` waits while ``capacity`` records are queued, so producers running ahead
+  of the learner (``max_staleness > 0``) never grow memory without bound;
+* **staleness**: ``get`` drops groups generated more than ``max_staleness`` policy versions before the
+  learner's current version (``0`` = strictly on-policy) and counts them;
+* **accounting**: every record accepted is eventually served once or counted as dropped
+  (``accepted == served + dropped + queued`` at all times), so a lost or twice-used sample shows up.
+
+``ReplayBuffer`` is the plain logic (tests drive it directly); ``ReplayQueue`` is the async Ray actor
+around it, so ``put`` and ``get`` can wait without blocking each other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass
+class _Entry:
+    refs: list[Any]  # ObjectRefs of the records of one group (usually one ref to a list of records)
+    num_records: int
+    version: int
+
+
+class ReplayBuffer:
+    def __init__(self, capacity: int, max_staleness: int = 0):
+        if capacity < 1:
+            raise ValueError(f"replay.capacity={capacity!r}: must be >= 1")
+        if max_staleness < 0:
+            raise ValueError(f"replay.max_staleness={max_staleness!r}: must be >= 0")
+        self.capacity = capacity
+        self.max_staleness = max_staleness
+        self._entries: deque[_Entry] = deque()
+        self.queued = 0  # records
+        self.accepted = 0
+        self.served = 0
+        self.dropped = 0
+
+    def has_room(self, num_records: int) -> bool:
+        # an entry larger than the whole capacity is still accepted into an empty queue, or it
+        # could never be accepted at all
+        return self.queued == 0 or self.queued + num_records <= self.capacity
+
+    def put(self, refs: list[Any], num_records: int, version: int) -> None:
+        self._entries.append(_Entry(list(refs), num_records, version))
+        self.queued += num_records
+        self.accepted += num_records
+
+    def drop_stale(self, current_version: int) -> int:
+        """Drop every group older than ``current_version - max_staleness``; returns records dropped."""
+        kept, dropped = deque(), 0
+        for entry in self._entries:
+            if current_version - entry.version > self.max_staleness:
+                dropped += entry.num_records
+            else:
+                kept.append(entry)
+        self._entries = kept
+        self.queued -= dropped
+        self.dropped += dropped
+        return dropped
+
+    def ready(self, num_groups: int) -> bool:
+        return len(self._entries) >= num_groups
+
+    def take(self, num_groups: int) -> tuple[list[Any], list[int]]:
+        """The oldest ``num_groups`` groups (FIFO: the stalest usable samples are trained on first)."""
+        refs, versions = [], []
+        for _ in range(min(num_groups, len(self._entries))):
+            entry = self._entries.popleft()
+            refs.extend(entry.refs)
+            versions.append(entry.version)
+            self.queued -= entry.num_records
+            self.served += entry.num_records
+        return refs, versions
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "replay/accepted": self.accepted,
+            "replay/served": self.served,
+            "replay/dropped": self.dropped,
+            "replay/queued": self.queued,
+            "replay/groups_queued": len(self._entries),
+        }
+
+
+class ReplayQueue:
+    """Async Ray actor around ``ReplayBuffer``. Pass refs nested in a list (``put.remote([ref], ...)``)
+    so Ray hands the actor the references and never resolves the records into it."""
+
+    def __init__(self, capacity: int, max_staleness: int = 0):
+        self.buffer = ReplayBuffer(capacity, max_staleness)
+        self._changed = asyncio.Condition()
+
+    async def put(self, refs: list[Any], num_records: int, version: int, timeout_s: float | None = None) -> bool:
+        """Queue one group; waits while the queue is full. False if ``timeout_s`` ran out first."""
+        async with self._changed:
+            try:
+                await asyncio.wait_for(
+                    self._changed.wait_for(lambda: self.buffer.has_room(num_records)), timeout_s
+                )
+            except asyncio.TimeoutError:
+                return False
+            self.buffer.put(refs, num_records, version)
+            self._changed.notify_all()
+            return True
+
+    async def get(
+        self, num_groups: int, current_version: int, timeout_s: float | None = None
+    ) -> tuple[list[Any], list[int]]:
+        """The next ``num_groups`` groups usable at ``current_version``; stale ones are dropped first.
+        Waits for producers; on timeout returns what there is (possibly nothing)."""
+        async with self._changed:
+
+            def usable() -> bool:
+                self.buffer.drop_stale(current_version)
+                return self.buffer.ready(num_groups)
+
+            try:
+                await asyncio.wait_for(self._changed.wait_for(usable), timeout_s)
+            except asyncio.TimeoutError:
+                pass
+            out = self.buffer.take(num_groups)
+            self._changed.notify_all()  # room for waiting producers
+            return out
+
+    async def stats(self) -> dict[str, int]:
+        return self.buffer.stats()

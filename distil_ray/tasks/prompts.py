@@ -1,0 +1,70 @@
+"""From task examples to the prompts the trainer feeds the rollout workers, in a resumable order."""
+
+from __future__ import annotations
+
+import random
+from typing import Sequence
+
+import numpy as np
+
+from distil_ray.records import Prompt
+from distil_ray.tasks.base import TaskExample
+
+
+def to_prompts(examples: Sequence[TaskExample], tokenizer) -> list[Prompt]:
+    """Chat-template each example once; the token ids travel from here on, never the text."""
+    prompts = []
+    for ex in examples:
+        ids = tokenizer.apply_chat_template(ex.messages, add_generation_prompt=True, return_dict=False)
+        prompts.append(
+            Prompt(
+                uid=ex.uid,
+                task=ex.task,
+                messages=ex.messages,
+                prompt_ids=np.asarray(ids, dtype=np.int32),
+                reference=ex.reference,
+                meta=ex.meta,
+            )
+        )
+    return prompts
+
+
+class PromptStream:
+    """Batches of prompts, reshuffled every epoch from ``(seed, epoch)``.
+
+    The whole position is two integers (``state()``), so a resumed run continues with exactly the
+    prompts it would have seen had it not stopped.
+    """
+
+    def __init__(self, prompts: Sequence[Prompt], batch_size: int, seed: int = 0):
+        if not prompts:
+            raise ValueError("the training split has no prompts")
+        self.prompts = list(prompts)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.epoch = 0
+        self.position = 0
+        self._order = self._shuffled(0)
+
+    def _shuffled(self, epoch: int) -> list[int]:
+        order = list(range(len(self.prompts)))
+        random.Random(f"{self.seed}/{epoch}").shuffle(order)
+        return order
+
+    def next_batch(self) -> list[Prompt]:
+        batch = []
+        while len(batch) < self.batch_size:
+            if self.position == len(self._order):
+                self.epoch += 1
+                self.position = 0
+                self._order = self._shuffled(self.epoch)
+            batch.append(self.prompts[self._order[self.position]])
+            self.position += 1
+        return batch
+
+    def state(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state(self, state: dict[str, int]) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self._order = self._shuffled(self.epoch)
