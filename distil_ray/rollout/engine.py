@@ -1,0 +1,146 @@
+"""The generation-engine interface shared by the rollout backends (vLLM, HF).
+
+Engines are token-in/token-out: prompts arrive as token ids and samples leave as token ids with
+the log-prob each token had under the distribution it was drawn from. Text never round-trips
+through a tokenizer inside an engine, so the learner trains on exactly the tokens that were
+sampled.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+
+
+@dataclass
+class SamplingConfig:
+    n: int = 1  # samples per prompt
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    max_new_tokens: int = 32
+    stop: tuple[str, ...] = ()  # stop strings (the stop text is not part of the decoded output text)
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        self.stop = tuple(self.stop)
+        if self.n < 1:
+            raise ValueError(f"sampling.n={self.n!r}: must be >= 1")
+        if self.temperature < 0:
+            raise ValueError(f"sampling.temperature={self.temperature!r}: must be >= 0 (0 = greedy)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"sampling.top_p={self.top_p!r}: must be in (0, 1]")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"sampling.max_new_tokens={self.max_new_tokens!r}: must be >= 1")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass
+class Sample:
+    # Response ids, including the EOS token if one was generated (so the learner trains on
+    # stopping) and the token that completed a stop string.
+    token_ids: list[int]
+    # Behaviour log-prob of each sampled token under the sampling distribution actually used
+    # (temperature and top-p applied); greedy decoding reports the T=1 log-probs.
+    logprobs: list[float]
+    finish_reason: str  # "stop" | "length"
+
+
+class GenerationEngine(Protocol):
+    def generate(self, prompts: list[list[int]], sampling: SamplingConfig) -> Iterator[tuple[int, int, Sample]]:
+        """Yield (prompt_index, sample_index, Sample) in COMPLETION order (streaming)."""
+        ...
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load HF-named weights in place (no engine re-initialisation)."""
+        ...
+
+    def sequence_logprobs(self, prompt: list[int], response: list[int]) -> list[float]:
+        """Log-prob of each response token under the current weights (T=1)."""
+        ...
+
+
+ENGINES = ("vllm", "hf")
+
+
+def sample_seed(seed: int | None, prompt_index: int, sample_index: int) -> int | None:
+    """A distinct, reproducible seed for every (prompt, sample) pair of one call.
+
+    SeedSequence mixes the three numbers so that nearby inputs give unrelated streams (a plain
+    ``seed + i`` would make sample 1 of prompt 0 reuse sample 0 of prompt 1's stream).
+    """
+    if seed is None:
+        return None
+    return int(np.random.SeedSequence([seed, prompt_index, sample_index]).generate_state(1)[0] >> 1)
+
+
+def stop_cut(token_ids: Sequence[int], decode: Callable[[Sequence[int]], str], stop: Sequence[str]) -> int | None:
+    """Length of the shortest prefix of ``token_ids`` whose decoded text contains a stop string
+    (the cut falls right after the token that completes it), or None if no stop string occurs."""
+    if not stop or not any(s in decode(token_ids) for s in stop):
+        return None
+    # The first stop occurrence lies in some prefix; the shortest one is found by bisection since
+    # "prefix text contains a stop string" is monotone in the prefix length.
+    lo, hi = 1, len(token_ids)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if any(s in decode(token_ids[:mid]) for s in stop):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+def strip_stop_text(text: str, stop: Sequence[str]) -> str:
+    """The text before the earliest stop string (what the OpenAI/vLLM convention returns)."""
+    cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=-1)
+    return text if cut < 0 else text[:cut]
+
+
+def configure_threads(num_threads: int | None) -> int:
+    """Set torch's intra-op threads for this process and return the count.
+
+    ``None`` takes the CPUs Ray assigned to the current actor (rounded up, at least 1), or
+    leaves torch's setting outside Ray. Must run before a vLLM CPU engine is built: its worker
+    replaces ``torch.set_num_threads`` with a no-op for the rest of the process.
+    """
+    if num_threads is None:
+        num_threads = _ray_assigned_cpus()
+    if num_threads is None:
+        return torch.get_num_threads()
+    num_threads = max(1, int(num_threads))
+    torch.set_num_threads(num_threads)
+    os.environ["OMP_NUM_THREADS"] = str(num_threads)
+    return num_threads
+
+
+def _ray_assigned_cpus() -> int | None:
+    import ray
+
+    if not ray.is_initialized():  # outside Ray: nothing assigned
+        return None
+    context = ray.get_runtime_context()
+    if context.get_actor_id() is None:  # a driver (or task) holds no actor resources
+        return None
+    cpus = context.get_assigned_resources().get("CPU")
+    return None if cpus is None else max(1, math.ceil(cpus))
+
+
+def as_tensor(value) -> torch.Tensor:
+    """A numpy array (e.g. a weight from the object store) as a torch tensor."""
+    if isinstance(value, torch.Tensor):
+        return value
+    array = np.asarray(value)
+    # Arrays read zero-copy from Ray's object store are read-only, which torch.from_numpy
+    # warns about (a write through the tensor would be undefined): copy those.
+    if not array.flags.writeable:
+        array = array.copy()
+    return torch.from_numpy(array)

@@ -1,0 +1,169 @@
+"""Rollout engine on vLLM's offline ``LLM``: token ids in, token ids and behaviour log-probs out.
+
+Streaming: every (prompt, sample) pair is its own request (n=1, with its own seed), queued with
+``LLM.enqueue``; the engine's step loop is then driven here, so a sample is handed on the moment
+it finishes instead of when the whole batch does.
+
+Behaviour log-probs come from ``logprobs_mode="processed_logprobs"``: the log-prob of the sampled
+token under the distribution it was actually drawn from (temperature, then top-p, applied) —
+what an importance ratio against the learner's tempered log-probs needs. vLLM's default
+("raw_logprobs") reports the T=1 model distribution instead.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+
+import torch
+
+from distil_ray.rollout.engine import Sample, SamplingConfig, sample_seed
+
+# vLLM reads these when it is imported / builds its engine, so they are set before the import.
+_VLLM_ENV = {
+    # The engine core runs in this process: no extra process per engine, and the actor's CPU
+    # share (Ray's num_cpus, torch threads) applies to the model's work.
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    # vLLM's CPU backend would otherwise pin its OpenMP threads to cores (OMP_PLACES /
+    # OMP_PROC_BIND) whenever it takes the multiprocess path; on a small shared machine
+    # that fights every other process for the same cores.
+    "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+}
+
+
+def _prepare_env() -> None:
+    for key, value in _VLLM_ENV.items():
+        if key == "VLLM_ENABLE_V1_MULTIPROCESSING":
+            os.environ[key] = value  # required: the in-process engine is what this module drives
+        else:
+            os.environ.setdefault(key, value)
+
+
+def make_llm(
+    model_path: str,
+    *,
+    kv_cache_memory_bytes: int = 64 << 20,
+    max_num_seqs: int = 64,
+    max_model_len: int | None = None,
+    dtype: str = "float32",
+    seed: int = 0,
+    enforce_eager: bool = True,
+    max_logprobs: int = 20,
+    **llm_kwargs,
+):
+    """A ``vllm.LLM`` configured for in-process use by the rollout and teacher actors."""
+    _prepare_env()
+    from vllm import LLM
+
+    return LLM(
+        model=str(model_path),
+        tokenizer=str(model_path),
+        dtype=dtype,
+        seed=seed,
+        kv_cache_memory_bytes=int(kv_cache_memory_bytes),
+        max_num_seqs=max_num_seqs,
+        max_model_len=max_model_len,
+        enforce_eager=enforce_eager,
+        logprobs_mode="processed_logprobs",
+        max_logprobs=max_logprobs,
+        **llm_kwargs,
+    )
+
+
+def reload_weights(llm, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """Copy HF-named tensors into the running model, then drop cached KV blocks: they were
+    computed by the old weights and prefix caching would otherwise reuse them."""
+    weights = [(name, torch.as_tensor(t)) for name, t in named_tensors]
+    llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+    llm.reset_prefix_cache()
+
+
+def prompt_token_logprobs(llm, prompt: list[int], response: list[int]) -> list[float]:
+    """Log-probs (T=1, full vocabulary) of ``response`` continuing ``prompt``, via prompt_logprobs."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    if not response:
+        return []
+    if not prompt:
+        raise ValueError("the prompt is empty: the first response token has no state")
+    params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
+    (out,) = llm.generate([TokensPrompt(prompt_token_ids=list(prompt) + list(response))], params, use_tqdm=False)
+    rows = out.prompt_logprobs[len(prompt) :]
+    return [row[token].logprob for row, token in zip(rows, response)]
+
+
+class VLLMEngine:
+    """``GenerationEngine`` on an in-process ``vllm.LLM``."""
+
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        kv_cache_memory_bytes: int = 64 << 20,
+        max_num_seqs: int = 64,
+        max_model_len: int | None = None,
+        dtype: str = "float32",
+        seed: int = 0,
+        enforce_eager: bool = True,
+        **llm_kwargs,
+    ):
+        self.llm = make_llm(
+            model_path,
+            kv_cache_memory_bytes=kv_cache_memory_bytes,
+            max_num_seqs=max_num_seqs,
+            max_model_len=max_model_len,
+            dtype=dtype,
+            seed=seed,
+            enforce_eager=enforce_eager,
+            **llm_kwargs,
+        )
+
+    def generate(self, prompts: list[list[int]], sampling: SamplingConfig) -> Iterator[tuple[int, int, Sample]]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        inputs, params, keys = [], [], []
+        for i, prompt in enumerate(prompts):
+            for j in range(sampling.n):
+                inputs.append(TokensPrompt(prompt_token_ids=[int(t) for t in prompt]))
+                params.append(
+                    SamplingParams(
+                        n=1,
+                        temperature=sampling.temperature,
+                        top_p=sampling.top_p,
+                        max_tokens=sampling.max_new_tokens,
+                        stop=list(sampling.stop) or None,
+                        logprobs=0,  # just the sampled token's log-prob
+                        seed=sample_seed(sampling.seed, i, j),
+                    )
+                )
+                keys.append((i, j))
+        if not inputs:
+            return
+        # enqueue returns vLLM's internal ids ("<external>-<random suffix>") while outputs carry
+        # the external id, which LLM draws from a counter (digits, no dash).
+        internal_ids = self.llm.enqueue(inputs, params, use_tqdm=False)
+        pending = {rid.split("-", 1)[0]: (rid, key) for rid, key in zip(internal_ids, keys)}
+        engine = self.llm.llm_engine
+        try:
+            while pending and engine.has_unfinished_requests():
+                for out in engine.step():
+                    if not out.finished or out.request_id not in pending:
+                        continue
+                    _, (i, j) = pending.pop(out.request_id)
+                    completion = out.outputs[0]
+                    token_ids = list(completion.token_ids)
+                    logprobs = [row[t].logprob for row, t in zip(completion.logprobs, token_ids)]
+                    yield i, j, Sample(token_ids, logprobs, completion.finish_reason or "length")
+        finally:
+            # A consumer that stops early (or an error) must not leave requests running in the
+            # engine: the next call's step loop would spend time on them.
+            if pending:
+                engine.abort_request([rid for rid, _ in pending.values()], internal=True)
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        reload_weights(self.llm, named_tensors)
+
+    def sequence_logprobs(self, prompt: list[int], response: list[int]) -> list[float]:
+        return prompt_token_logprobs(self.llm, prompt, response)

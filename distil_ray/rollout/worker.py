@@ -1,0 +1,97 @@
+"""RolloutWorker: one generation engine behind a Ray actor, streaming Rollout records.
+
+A plain class (tests drive it directly); the driver makes it an actor with
+``ray.remote(RolloutWorker).options(name=..., num_cpus=...)`` and reads rollouts as they complete
+with ``worker.generate.options(num_returns="streaming").remote(prompts, sampling, version)``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import numpy as np
+
+from distil_ray.records import Prompt, Rollout
+from distil_ray.rollout.engine import (
+    ENGINES,
+    SamplingConfig,
+    as_tensor,
+    configure_threads,
+    strip_stop_text,
+)
+
+
+def build_engine(model_path: str, engine: str, engine_kwargs: dict | None = None):
+    kwargs = dict(engine_kwargs or {})
+    if engine == "vllm":
+        from distil_ray.rollout.vllm_engine import VLLMEngine
+
+        return VLLMEngine(model_path, **kwargs)
+    if engine == "hf":
+        from distil_ray.rollout.hf_engine import HFEngine
+
+        return HFEngine(model_path, **kwargs)
+    raise ValueError(f"rollout.engine={engine!r} is not one of {ENGINES}")
+
+
+class RolloutWorker:
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        engine: str = "vllm",
+        engine_kwargs: dict | None = None,
+        num_threads: int | None = None,
+    ):
+        if engine not in ENGINES:  # before any thread or model set-up
+            raise ValueError(f"rollout.engine={engine!r} is not one of {ENGINES}")
+        from transformers import AutoTokenizer
+
+        # Threads first: the vLLM CPU worker disables torch.set_num_threads once it is built.
+        self.num_threads = configure_threads(num_threads)
+        self.engine_name = engine
+        self.engine = build_engine(model_path, engine, engine_kwargs)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
+        self._version = 0
+
+    def version(self) -> int:
+        return self._version
+
+    def generate(self, prompts: list[Prompt], sampling: SamplingConfig, policy_version: int) -> Iterator[Rollout]:
+        """Yield one Rollout per (prompt, sample) as each completes."""
+        ids = [np.asarray(p.prompt_ids, dtype=np.int64).tolist() for p in prompts]
+        for i, j, sample in self.engine.generate(ids, sampling):
+            prompt = prompts[i]
+            text = self.tokenizer.decode(sample.token_ids, skip_special_tokens=True)
+            yield Rollout(
+                prompt_uid=prompt.uid,
+                sample_index=j,
+                response_ids=np.asarray(sample.token_ids, dtype=np.int32),
+                behaviour_logprobs=np.asarray(sample.logprobs, dtype=np.float32),
+                finish_reason=sample.finish_reason,
+                policy_version=int(policy_version),
+                text=strip_stop_text(text, sampling.stop),
+                prompt_ids=np.array(prompt.prompt_ids, dtype=np.int32),  # a copy: records never share buffers across prompts
+            )
+
+    def stream(self, prompts: list[Prompt], sampling: SamplingConfig, policy_version: int) -> Iterator[str | Rollout]:
+        """``generate`` for a driver that routes records without fetching them: each Rollout is
+        preceded by its prompt uid (a tiny object), so the driver reads the uid and passes the
+        record's ObjectRef on untouched."""
+        for rollout in self.generate(prompts, sampling, policy_version):
+            yield rollout.prompt_uid
+            yield rollout
+
+    def update_weights(self, state: dict[str, np.ndarray], version: int) -> float:
+        """Load a full or partial HF-named state dict; returns the seconds spent loading."""
+        start = time.perf_counter()
+        # from_numpy shares memory with the (possibly zero-copy, read-only) object-store arrays;
+        # the engine copies into its own parameters, so nothing here writes to them.
+        self.engine.load_weights((name, as_tensor(value)) for name, value in state.items())
+        self._version = int(version)
+        return time.perf_counter() - start
+
+    def sequence_logprobs(self, prompt_ids: list[int], response_ids: list[int]) -> list[float]:
+        return self.engine.sequence_logprobs([int(t) for t in prompt_ids], [int(t) for t in response_ids])
+

@@ -1,0 +1,187 @@
+"""TeacherScorer: turns a graded sibling group into Scored records (DESIGN §2, §4).
+
+For every rollout of one prompt it builds the teacher's context (SDPO's reprompt with a
+successful sibling's answer or the environment's feedback, or OPSD's reference solution),
+chat-templates it, appends the student's response token ids exactly as sampled, and asks the
+backend for the top-k log-probs at every response position. Rollouts without any signal keep
+correctly shaped zero arrays and ``distill_mask=False``; they are not sent to the backend.
+
+A plain class; the driver makes it an actor with ``ray.remote(TeacherScorer)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import numpy as np
+
+from distil_ray.feedback.templates import (
+    RepromptConfig,
+    TeacherContext,
+    reference_solution_context,
+    reprompt_group,
+    strip_thinking,
+)
+from distil_ray.records import Graded, Prompt, Scored
+from distil_ray.rollout.engine import as_tensor, configure_threads
+
+BACKENDS = ("vllm", "hf")
+CONTEXTS = ("reprompt", "reference_solution")
+
+
+def build_teacher_backend(model_path: str, backend: str, backend_kwargs: dict | None = None):
+    kwargs = dict(backend_kwargs or {})
+    if backend == "vllm":
+        from distil_ray.teacher.vllm import VLLMTeacher
+
+        return VLLMTeacher(model_path, **kwargs)
+    if backend == "hf":
+        from distil_ray.teacher.vllm import HFTeacher
+
+        return HFTeacher(model_path, **kwargs)
+    raise ValueError(f"teacher.backend={backend!r} is not one of {BACKENDS}")
+
+
+class TeacherScorer:
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        backend: str = "vllm",
+        topk: int = 20,
+        context: str = "reprompt",
+        reprompt: dict | None = None,
+        backend_kwargs: dict | None = None,
+        num_threads: int | None = None,
+    ):
+        if backend not in BACKENDS:
+            raise ValueError(f"teacher.backend={backend!r} is not one of {BACKENDS}")
+        if context not in CONTEXTS:
+            raise ValueError(f"teacher.context={context!r} is not one of {CONTEXTS}")
+        if topk < 1:
+            raise ValueError(f"teacher.topk={topk!r}: must be >= 1")
+        from transformers import AutoTokenizer
+
+        self.reprompt = RepromptConfig(**(reprompt or {}))
+        self.context = context
+        self.topk = int(topk)
+        # Threads first: a vLLM CPU backend disables torch.set_num_threads once it is built.
+        self.num_threads = configure_threads(num_threads)
+        self.backend_name = backend
+        self.backend = build_teacher_backend(model_path, backend, backend_kwargs)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
+        self._version = 0
+        self._last_contexts: list[list[int] | None] = []
+        self._stats = {"scored": 0, "no_signal": 0, "used_solution": 0, "used_feedback": 0, "score_seconds": 0.0}
+
+    # ----------------------------------------------------------------------------------------
+
+    def _contexts(self, prompt: Prompt, graded: list[Graded]) -> tuple[list[TeacherContext], list[str | None]]:
+        """Teacher contexts and, per rollout, the sibling solution text placed in its context."""
+        if self.context == "reference_solution":
+            solution = (prompt.reference or {}).get("solution")
+            ctx = reference_solution_context(prompt.messages, solution)
+            return [ctx] * len(graded), [None] * len(graded)
+        cfg = self.reprompt
+        texts = [g.text for g in graded]
+        rewards = [float(g.reward) for g in graded]
+        contexts = reprompt_group(prompt.messages, texts, rewards, [g.feedback or None for g in graded], cfg)
+        # The donor rule of reprompt_group (the first successful sibling, never the sample itself
+        # unless configured otherwise), repeated here to name the demonstration on the record.
+        successes = [i for i, r in enumerate(rewards) if r >= cfg.success_threshold]
+        demos: list[str | None] = []
+        for i, ctx in enumerate(contexts):
+            donors = [j for j in successes if not (cfg.dont_reprompt_on_self_success and j == i)]
+            if ctx.used_solution and donors:
+                text = texts[donors[0]]
+                demos.append(strip_thinking(text) if cfg.strip_thinking else text)
+            else:
+                demos.append(None)
+        return contexts, demos
+
+    def teacher_prompt_ids(self, ctx: TeacherContext) -> list[int]:
+        ids = self.tokenizer.apply_chat_template(ctx.messages, add_generation_prompt=True, return_dict=False)
+        return [int(t) for t in ids]
+
+    def score_group(self, prompt: Prompt, *graded: Graded | list[Graded]) -> list[Scored]:
+        """Score all rollouts of one prompt (the sibling group); records come back in input order.
+
+        Takes the group as one list, ``score_group(prompt, group)``, or record by record,
+        ``score_group(prompt, *group)``: Ray resolves ObjectRefs passed as top-level arguments,
+        so a driver holding one ref per rollout passes them that way.
+        """
+        graded = list(graded[0]) if len(graded) == 1 and isinstance(graded[0], (list, tuple)) else list(graded)
+        for g in graded:
+            if g.prompt_uid != prompt.uid:
+                raise ValueError(f"rollout of prompt {g.prompt_uid!r} passed in the group of prompt {prompt.uid!r}")
+        contexts, demos = self._contexts(prompt, graded)
+        k = self.topk
+        teacher_prompts, responses, which = [], [], []
+        self._last_contexts = [None] * len(graded)
+        for i, (g, ctx) in enumerate(zip(graded, contexts)):
+            if ctx.has_signal and len(g.response_ids) > 0:
+                tp = self.teacher_prompt_ids(ctx)
+                response = np.asarray(g.response_ids).astype(np.int64).tolist()  # exact student tokens
+                teacher_prompts.append(tp)
+                responses.append(response)
+                which.append(i)
+                self._last_contexts[i] = tp + response
+        start = time.perf_counter()
+        scores = self.backend.score(teacher_prompts, responses, k) if which else []
+        self._stats["score_seconds"] += time.perf_counter() - start
+        by_index = dict(zip(which, scores))
+
+        out = []
+        for i, (g, ctx) in enumerate(zip(graded, contexts)):
+            T = len(g.response_ids)
+            s = by_index.get(i)
+            if s is not None:
+                kk = s.topk_ids.shape[1]
+                top_ids = np.zeros((T, k), np.int32)
+                top_lp = np.zeros((T, k), np.float32)
+                # a vocabulary smaller than k leaves trailing columns at zero (masked by the learner's k)
+                top_ids[:, :kk] = s.topk_ids.numpy()
+                top_lp[:, :kk] = s.topk_logprobs.numpy()
+                token_lp = s.token_logprobs.numpy().astype(np.float32)
+                self._stats["scored"] += 1
+            else:
+                top_ids, top_lp, token_lp = np.zeros((T, k), np.int32), np.zeros((T, k), np.float32), np.zeros(T, np.float32)
+            if not ctx.has_signal:
+                self._stats["no_signal"] += 1
+            self._stats["used_solution"] += int(ctx.used_solution)
+            self._stats["used_feedback"] += int(ctx.used_feedback)
+            record = dataclasses.replace(g, demonstration=demos[i]) if demos[i] is not None else g
+            out.append(
+                Scored.from_graded(
+                    record,
+                    teacher_topk_ids=top_ids,
+                    teacher_topk_logprobs=top_lp,
+                    teacher_token_logprobs=token_lp,
+                    distill_mask=bool(ctx.has_signal and T > 0),
+                )
+            )
+        return out
+
+    def last_teacher_contexts(self) -> list[list[int] | None]:
+        """The full teacher sequences (context + response ids) of the last ``score_group`` call,
+        one per record (None where the record had no signal)."""
+        return [None if c is None else list(c) for c in self._last_contexts]
+
+    # ----------------------------------------------------------------------------------------
+
+    def update_weights(self, state: dict[str, np.ndarray], version: int) -> float:
+        start = time.perf_counter()
+        self.backend.load_weights((name, as_tensor(value)) for name, value in state.items())
+        self._version = int(version)
+        return time.perf_counter() - start
+
+    def version(self) -> int:
+        return self._version
+
+    def sequence_logprobs(self, prompt_ids: list[int], response_ids: list[int]) -> list[float]:
+        return self.backend.sequence_logprobs([int(t) for t in prompt_ids], [int(t) for t in response_ids])
+
+    def stats(self) -> dict[str, Any]:
+        return dict(self._stats)

@@ -1,0 +1,117 @@
+"""VLLMTeacher (prompt_logprobs) against HFTeacher (a plain forward), in a real Ray actor: the same
+top-k ids and log-probs, the same sampled-token log-probs, weight reload in place; and a vLLM-backed
+TeacherScorer actor producing the records an HF-backed one does."""
+
+import numpy as np
+import pytest
+import ray
+import torch
+
+from distil_ray.models import tiny_model_dir
+from distil_ray.records import Graded, Prompt, Rollout
+from distil_ray.teacher.scorer import TeacherScorer
+from distil_ray.teacher.vllm import HFTeacher, VLLMTeacher
+
+pytest.importorskip("vllm")
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
+K = 20
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def vllm_teacher(ray_cluster):
+    handle = ray.remote(VLLMTeacher).options(num_cpus=0.5).remote(str(tiny_model_dir()), kv_cache_memory_bytes=64 << 20, max_logprobs=32)
+    ray.get(handle.sequence_logprobs.remote([1, 2], [3]), timeout=240)
+    return handle
+
+
+@pytest.fixture(scope="module")
+def hf_teacher():
+    return HFTeacher(str(tiny_model_dir()))
+
+
+def random_pairs(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(3, 500, (n,), generator=gen).tolist() for n in (7, 30, 12, 1)]
+    responses = [torch.randint(3, 500, (n,), generator=gen).tolist() for n in (9, 25, 0, 4)]
+    return prompts, responses
+
+
+def assert_scores_close(got, ref, atol=1e-4):
+    for g, r in zip(got, ref):
+        assert g.topk_ids.shape == r.topk_ids.shape
+        # ids may only differ where two log-probs tie within tolerance
+        np.testing.assert_allclose(g.topk_logprobs.numpy(), r.topk_logprobs.numpy(), atol=atol)
+        mismatch = (g.topk_ids != r.topk_ids).numpy()
+        assert mismatch.sum() <= 2, f"top-k ids differ at {mismatch.sum()} entries"
+        np.testing.assert_allclose(g.token_logprobs.numpy(), r.token_logprobs.numpy(), atol=atol)
+
+
+def test_topk_matches_hf(vllm_teacher, hf_teacher):
+    prompts, responses = random_pairs()
+    got = ray.get(vllm_teacher.score.remote(prompts, responses, K))
+    ref = hf_teacher.score(prompts, responses, K)
+    for g, resp in zip(got, responses):
+        assert g.topk_ids.shape == (len(resp), K) and g.token_logprobs.shape == (len(resp),)
+        # sorted descending, normalised over the whole vocabulary
+        assert (g.topk_logprobs[:, :-1] >= g.topk_logprobs[:, 1:]).all()
+        assert (g.topk_logprobs.exp().sum(-1) < 1).all()
+    assert_scores_close(got, ref)
+
+
+def test_k_above_max_logprobs_is_a_clear_error(vllm_teacher):
+    with pytest.raises(Exception, match="max_logprobs"):
+        ray.get(vllm_teacher.score.remote([[1, 2]], [[3]], 40))
+
+
+def test_load_weights_in_place(vllm_teacher, hf_teacher):
+    prompts, responses = random_pairs(1)
+    gen = torch.Generator().manual_seed(1)
+    original = {n: p.detach().clone() for n, p in hf_teacher.model.named_parameters()}
+    perturbed = {n: p + 0.05 * torch.randn(p.shape, generator=gen) for n, p in original.items()}
+    before = ray.get(vllm_teacher.score.remote(prompts, responses, K))
+    ray.get(vllm_teacher.load_weights.remote(list(perturbed.items())))
+    hf_teacher.load_weights(perturbed.items())
+    try:
+        after = ray.get(vllm_teacher.score.remote(prompts, responses, K))
+        assert (after[0].token_logprobs - before[0].token_logprobs).abs().max() > 1e-2
+        assert_scores_close(after, hf_teacher.score(prompts, responses, K))
+    finally:
+        hf_teacher.load_weights(original.items())
+        ray.get(vllm_teacher.load_weights.remote(list(original.items())))
+
+
+def test_vllm_scorer_actor_equals_hf_scorer(ray_cluster):
+    hf = TeacherScorer(str(tiny_model_dir()), backend="hf", topk=8, num_threads=1)
+    tok = hf.tokenizer
+    messages = [{"role": "user", "content": "What is 2 + 3?"}]
+    prompt = Prompt("q", "toy", messages, np.asarray(tok.apply_chat_template(messages, add_generation_prompt=True, return_dict=False), np.int32))
+    texts, rewards = ["The answer is 5.", "It is 6.", "Seven."], [1.0, 0.0, 0.0]
+    group = []
+    for i, (text, reward) in enumerate(zip(texts, rewards)):
+        ids = np.asarray(tok(text)["input_ids"] + [tok.eos_token_id], np.int32)
+        r = Rollout("q", i, ids, np.zeros(len(ids), np.float32), "stop", 0, text, prompt.prompt_ids)
+        group.append(Graded.from_rollout(r, reward=reward, feedback="" if reward else "wrong"))
+    actor = ray.remote(TeacherScorer).options(name="teacher-test", num_cpus=0.5).remote(
+        str(tiny_model_dir()), backend="vllm", topk=8, backend_kwargs={"kv_cache_memory_bytes": 64 << 20}
+    )
+    # one ObjectRef per rollout, as top-level arguments: Ray resolves them before the call
+    got = ray.get(actor.score_group.remote(ray.put(prompt), *[ray.put(g) for g in group]), timeout=240)
+    ref = hf.score_group(prompt, group)
+    assert ray.get(actor.last_teacher_contexts.remote()) == hf.last_teacher_contexts()
+    for g, r in zip(got, ref):
+        assert g.distill_mask == r.distill_mask and g.demonstration == r.demonstration
+        np.testing.assert_allclose(g.teacher_topk_logprobs, r.teacher_topk_logprobs, atol=1e-4)
+        np.testing.assert_allclose(g.teacher_token_logprobs, r.teacher_token_logprobs, atol=1e-4)
+        assert (g.teacher_topk_ids != r.teacher_topk_ids).sum() <= 2
+    # sample 0 is the only success and has no feedback: no signal, not scored
+    assert [g.distill_mask for g in got] == [False, True, True]
+    assert ray.get(actor.stats.remote())["scored"] == 2
+    ray.kill(actor)
