@@ -1,0 +1,171 @@
+"""LearnerGroup: N :class:`~distil_ray.learner.worker.LearnerWorker` ranks as named Ray actors.
+
+The driver talks to the group only; the group splits each batch by prompt group, calls every
+rank in parallel (every worker method is collective) and returns rank 0's answer. Records may be
+passed as ObjectRefs: they travel to the ranks as references and are fetched there, never in the
+driver.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any, Sequence
+
+import ray
+
+from distil_ray.learner.packing import balanced_split, sequence_length, split_groups
+from distil_ray.records import Scored
+
+
+class LearnerActor:
+    """The Ray shell around one rank. Two-phase start: the group first asks rank 0 for an address
+    to rendezvous on, then starts every rank at once (``init_process_group`` waits for all)."""
+
+    def __init__(self):
+        self.worker = None
+
+    def rendezvous_address(self) -> tuple[str, int]:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("", 0))  # a port free now; the process group binds it a moment later
+            port = s.getsockname()[1]
+        return ray.util.get_node_ip_address(), port
+
+    def setup(self, model_path: str, kwargs: dict) -> bool:
+        from distil_ray.learner.worker import LearnerWorker
+
+        self.worker = LearnerWorker(model_path, **kwargs)
+        return True
+
+    def train_step(self, records: list) -> dict:
+        return self.worker.train_step(_resolve(records))
+
+    def state_dict_numpy(self):
+        return self.worker.state_dict_numpy()
+
+    def sequence_logprobs(self, prompt_ids, response_ids):
+        return self.worker.sequence_logprobs(prompt_ids, response_ids)
+
+    def save_checkpoint(self, path: str, extra: dict) -> None:
+        return self.worker.save_checkpoint(path, extra)
+
+    def load_checkpoint(self, path: str) -> dict:
+        return self.worker.load_checkpoint(path)
+
+    def save_hf(self, path: str) -> None:
+        return self.worker.save_hf(path)
+
+    def close(self) -> None:
+        if self.worker is not None:
+            self.worker.close()
+
+
+def _resolve(items: list) -> list[Scored]:
+    """Fetch the ObjectRefs among ``items`` (one ``ray.get`` for all); a ref may hold one record
+    or a list of them (e.g. a whole prompt group)."""
+    refs = [x for x in items if isinstance(x, ray.ObjectRef)]
+    fetched = iter(ray.get(refs)) if refs else iter(())
+    out: list[Scored] = []
+    for x in items:
+        value = next(fetched) if isinstance(x, ray.ObjectRef) else x
+        out.extend(value if isinstance(value, (list, tuple)) else [value])
+    return out
+
+
+class LearnerGroup:
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        world_size: int,
+        num_cpus_per_rank: float = 0.5,
+        num_gpus_per_rank: float = 0,
+        name: str = "learner",
+        setup_timeout_s: float = 600.0,
+        **worker_kwargs,
+    ):
+        if world_size < 1:
+            raise ValueError(f"learner.world_size={world_size!r}: must be >= 1")
+        from distil_ray.learner.worker import check_settings
+
+        # Fail in the driver, before any actor starts, on a setting every rank would reject.
+        check_settings(**{k: worker_kwargs[k] for k in ("algorithm", "backend", "dtype", "micro_batch_size")
+                          if k in worker_kwargs})
+        self.world_size = world_size
+        self.name = name
+        actor_cls = ray.remote(LearnerActor)
+        self.actors = [
+            actor_cls.options(name=f"{name}-{rank}", num_cpus=num_cpus_per_rank, num_gpus=num_gpus_per_rank).remote()
+            for rank in range(world_size)
+        ]
+        try:
+            addr, port = ray.get(self.actors[0].rendezvous_address.remote(), timeout=setup_timeout_s)
+            ray.get([
+                actor.setup.remote(str(model_path), dict(worker_kwargs, rank=rank, world_size=world_size,
+                                                         master_addr=addr, master_port=port))
+                for rank, actor in enumerate(self.actors)
+            ], timeout=setup_timeout_s)
+        except BaseException:
+            self._kill()
+            raise
+
+    # --------------------------------------------------------------- collective calls
+
+    def _all(self, method: str, *args) -> list:
+        return ray.get([getattr(a, method).remote(*args) for a in self.actors])
+
+    def train_step(self, records: Sequence[Scored] | Sequence[ray.ObjectRef], *,
+                   sizes: Sequence[int] | None = None, group_keys: Sequence[str] | None = None) -> dict:
+        """One optimizer step on ``records``; returns the metrics (global, identical on every rank).
+
+        Records are split so that a prompt's records share a rank, balanced by tokens. ObjectRefs
+        are not fetched here: each ref is kept whole on one rank (so a ref holding a whole group
+        keeps it together); ``group_keys``/``sizes`` (one per ref: prompt uid, token count) let
+        refs of single records be grouped and balanced too.
+        """
+        records = list(records)
+        if records and all(isinstance(r, Scored) for r in records):
+            shards = split_groups(records, self.world_size)
+        else:
+            keys = list(group_keys) if group_keys is not None else [str(i) for i in range(len(records))]
+            if sizes is None:
+                sizes = [sequence_length(r) if isinstance(r, Scored) else 1 for r in records]
+            shards = [[records[i] for i in idx] for idx in balanced_split(keys, list(sizes), self.world_size)]
+        # A list argument is not resolved by Ray: the refs reach the rank as refs.
+        return ray.get([a.train_step.remote(shard) for a, shard in zip(self.actors, shards)])[0]
+
+    def state_dict_ref(self) -> ray.ObjectRef:
+        """An ObjectRef to rank 0's full numpy state dict; the dict itself stays out of the driver."""
+        refs = [a.state_dict_numpy.remote() for a in self.actors]
+        ray.get(refs[1:])  # None from the others; waiting surfaces their errors
+        ray.wait(refs[:1], fetch_local=False)
+        return refs[0]
+
+    def sequence_logprobs(self, prompt_ids: Sequence[int], response_ids: Sequence[int]) -> list[float]:
+        return self._all("sequence_logprobs", list(prompt_ids), list(response_ids))[0]
+
+    def save_checkpoint(self, path: str, extra: dict) -> None:
+        self._all("save_checkpoint", str(path), extra)
+
+    def load_checkpoint(self, path: str) -> dict:
+        return self._all("load_checkpoint", str(path))[0]
+
+    def save_hf(self, path: str) -> None:
+        self._all("save_hf", str(path))
+
+    def shutdown(self) -> None:
+        try:
+            ray.get([a.close.remote() for a in self.actors], timeout=60)
+        except Exception:  # a dead rank must not keep the others alive
+            pass
+        self._kill()
+
+    def _kill(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor)
+        self.actors = []
+
+    def __enter__(self) -> "LearnerGroup":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown()

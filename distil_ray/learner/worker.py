@@ -1,0 +1,463 @@
+"""One learner rank: a Hugging Face causal LM sharded with FSDP2, trained on ``Scored`` records.
+
+A plain class (tests drive it in one process; :class:`~distil_ray.learner.group.LearnerGroup`
+wraps it in a Ray actor). Every method that touches the model is *collective*: all ranks of the
+process group must call it, in the same order.
+
+How the pieces fit:
+
+* **Sharding.** Each decoder layer is its own FSDP2 unit; the root unit is :class:`_PolicyCompute`,
+  a module whose ``forward`` runs an arbitrary function of the policy. The embedding, the final
+  norm and the LM head therefore belong to the root unit, and every computation (the chunked
+  log-prob gathering reads the LM-head *weight* directly, outside the HF model's own forward) runs
+  inside the root's forward, where FSDP has all-gathered those parameters; its backward hooks sit
+  on the returned loss, so the head's gradient is reduce-scattered like any other.
+* **One loss over the global batch.** Each micro-batch's loss is its sum divided by a *global*
+  denominator (tokens or sequences, summed over all ranks and micro-batches), and multiplied by
+  the world size because FSDP averages gradients over ranks. The accumulated gradient is then
+  the gradient of one loss over the whole batch, whatever the split.
+* **Equal collective counts.** Every forward/backward all-gathers and reduce-scatters, so all
+  ranks run the same number of micro-batches; a rank with fewer pads with a zero-weighted one.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import pickle
+import random
+import shutil
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from distil_ray.algorithms import get_algorithm
+from distil_ray.algorithms.advantages import group_relative_advantages
+from distil_ray.learner.forward import response_logprobs
+from distil_ray.learner.packing import Batch, micro_batches, pack
+from distil_ray.records import Scored
+
+BACKENDS = ("gloo", "nccl")
+# float16 is left out on purpose: it would need loss scaling, which bfloat16 does not.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class _PolicyCompute(nn.Module):
+    """The FSDP root: ``forward(fn, *args)`` returns ``fn(policy, *args)``.
+
+    Running the whole loss computation as this module's forward is what makes FSDP unshard the
+    root-level parameters (embedding, norm, LM head) for code that reads them directly.
+    """
+
+    def __init__(self, policy: nn.Module):
+        super().__init__()
+        self.policy = policy
+
+    def forward(self, fn: Callable, *args):
+        return fn(self.policy, *args)
+
+
+def check_settings(*, algorithm: str, backend: str = "gloo", dtype: str = "float32", micro_batch_size: int = 1) -> None:
+    """Raise ValueError naming the config key of the first bad setting."""
+    get_algorithm(algorithm)  # names algorithm.name and the allowed values
+    if backend not in BACKENDS:
+        raise ValueError(f"learner.backend={backend!r}: allowed values are {BACKENDS}")
+    if dtype not in DTYPES:
+        raise ValueError(f"learner.dtype={dtype!r}: allowed values are {tuple(DTYPES)}")
+    if micro_batch_size < 1:
+        raise ValueError(f"learner.micro_batch_size={micro_batch_size!r}: must be >= 1")
+
+
+def _accepts(fn: Callable, name: str) -> bool:
+    params = inspect.signature(fn).parameters
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def _default_of(fn: Callable, name: str, fallback):
+    p = inspect.signature(fn).parameters.get(name)
+    return fallback if p is None or p.default is inspect.Parameter.empty else p.default
+
+
+class LearnerWorker:
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        rank: int,
+        world_size: int,
+        master_addr: str,
+        master_port: int,
+        algorithm: str,
+        loss_kwargs: dict,
+        advantage_kwargs: dict | None = None,
+        lr: float = 1e-5,
+        weight_decay: float = 0.0,
+        betas=(0.9, 0.999),
+        eps: float = 1e-8,
+        warmup_steps: int = 0,
+        grad_clip: float | None = 1.0,
+        micro_batch_size: int = 8,
+        logprob_chunk_size: int = 256,
+        temperature: float = 1.0,
+        topk: int | None = None,
+        backend: str = "gloo",
+        dtype: str = "float32",
+        seed: int = 0,
+        num_threads: int | None = None,
+        timeout_s: float = 1800.0,
+    ):
+        # Validate everything before joining the process group: a bad value must fail fast on
+        # every rank instead of leaving the others waiting in init_process_group.
+        check_settings(algorithm=algorithm, backend=backend, dtype=dtype, micro_batch_size=micro_batch_size)
+        self.algorithm = get_algorithm(algorithm)
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank={rank} must lie in [0, world_size={world_size})")
+        self.rank, self.world_size = rank, world_size
+        self.model_path = str(model_path)
+        self.loss_kwargs = dict(loss_kwargs or {})
+        self.advantage_kwargs = dict(advantage_kwargs or {})
+        self.grad_clip = grad_clip
+        self.micro_batch_size = micro_batch_size
+        self.chunk_size = logprob_chunk_size
+        self.temperature = temperature
+        self.topk = topk
+        self.step = 0
+        # The global denominator follows the loss's aggregation: tokens for token-mean, sequences
+        # (with at least one loss token) for the per-sequence modes.
+        agg = self.loss_kwargs.get("loss_agg", _default_of(self.algorithm.loss_fn, "loss_agg", "token-mean"))
+        self.per_token_denominator = agg == "token-mean"
+        # The leave-one-out baseline compares siblings within one loss call: keep groups whole.
+        baseline = self.loss_kwargs.get("baseline", _default_of(self.algorithm.loss_fn, "baseline", "none"))
+        self.whole_groups = baseline == "group"
+
+        if num_threads:
+            torch.set_num_threads(int(num_threads))
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+
+        if backend == "nccl":
+            # Ray (or the launcher) exposes this rank's GPU as the only visible one.
+            self.device = torch.device("cuda", torch.cuda.current_device())
+            torch.cuda.set_device(self.device)
+        else:
+            self.device = torch.device("cpu")
+        dist.init_process_group(
+            backend, rank=rank, world_size=world_size,
+            init_method=f"tcp://{master_addr}:{master_port}", timeout=timedelta(seconds=timeout_s),
+        )
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        from transformers import AutoModelForCausalLM
+
+        self.mesh = init_device_mesh(self.device.type, (world_size,))
+        # Master weights and optimizer state stay float32; a lower dtype is the compute dtype only.
+        model = AutoModelForCausalLM.from_pretrained(self.model_path, local_files_only=True, dtype=torch.float32)
+        model.to(self.device)
+        model.train()
+        compute = DTYPES[dtype]
+        for layer in model.get_decoder().layers:
+            fully_shard(layer, mesh=self.mesh,
+                        mp_policy=MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32))
+        self.root = _PolicyCompute(model)
+        # The root's inputs are the loss inputs (teacher log-probs, advantages): they must keep
+        # float32, so the root does not cast its forward arguments to the compute dtype.
+        fully_shard(self.root, mesh=self.mesh, mp_policy=MixedPrecisionPolicy(
+            param_dtype=compute, reduce_dtype=torch.float32, cast_forward_inputs=False))
+        # A rank whose micro-batch leaves some parameter without a gradient must still take part
+        # in that parameter's reduce-scatter, or the ranks' collectives no longer match.
+        self.root.set_reduce_scatter_unused_params(True)
+        self.model = model
+        self.pad_id = self._pad_id(model)
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=tuple(betas), eps=eps,
+                                           weight_decay=weight_decay)
+        warmup = int(warmup_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup > 0 else 1.0)
+
+    @staticmethod
+    def _pad_id(model) -> int:
+        pad = model.config.pad_token_id
+        if pad is None:
+            eos = model.config.eos_token_id
+            pad = eos[0] if isinstance(eos, (list, tuple)) else eos
+        return int(pad or 0)
+
+    # ------------------------------------------------------------------ training
+
+    def train_step(self, records: Sequence[Scored]) -> dict[str, float]:
+        """One optimizer step on this rank's share of the batch (see the module docstring)."""
+        t0 = time.perf_counter()
+        algo = self.algorithm
+        records = list(records)
+        if algo.train_on == "successful":
+            records = [r for r in records if r.correct]
+        advantages: dict[int, float] = {}
+        if algo.needs_advantages and records:
+            # Over the whole local batch, before any filtering: the group mean needs every sibling.
+            uid_index: dict[str, int] = {}
+            gids = [uid_index.setdefault(r.prompt_uid, len(uid_index)) for r in records]
+            adv = group_relative_advantages([float(r.reward) for r in records], gids, **self.advantage_kwargs)
+            advantages = {id(r): float(a) for r, a in zip(records, adv)}
+        distill_only = algo.needs_teacher
+        # Records without loss tokens change neither the loss nor its denominator: skip the compute.
+        records = [r for r in records if len(r.response_ids) and (not distill_only or r.distill_mask)]
+        topk = self._topk(records) if algo.needs_teacher else None
+        batches = [
+            (pack(mb, pad_id=self.pad_id, topk=topk, distill_only=distill_only).to(self.device),
+             torch.tensor([advantages.get(id(r), 0.0) for r in mb], dtype=torch.float32, device=self.device))
+            for mb in micro_batches(records, self.micro_batch_size, split_large_groups=not self.whole_groups)
+        ]
+        counts = torch.tensor([sum(b.num_loss_tokens for b, _ in batches),
+                               sum(b.num_loss_sequences for b, _ in batches)], dtype=torch.float64)
+        dist.all_reduce(counts)
+        n_micro = torch.tensor([len(batches)], dtype=torch.long)
+        dist.all_reduce(n_micro, op=dist.ReduceOp.MAX)
+        global_tokens, global_seqs = float(counts[0]), float(counts[1])
+        denominator = global_tokens if self.per_token_denominator else global_seqs
+
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum = 0.0
+        weighted: dict[str, list[float]] = {}  # key -> [Σ weight·value, Σ weight]
+        for i in range(int(n_micro)):
+            if i < len(batches):
+                batch, adv = batches[i]
+                loss, metrics = self.root(self._micro_batch_loss, batch, adv, denominator)
+                w = float(batch.num_loss_tokens)
+                for k, v in metrics.items():
+                    acc = weighted.setdefault(k, [0.0, 0.0])
+                    if k.endswith("num_tokens"):  # counts add up; everything else is a mean
+                        acc[0] += v
+                        acc[1] = 1.0
+                    else:
+                        acc[0] += w * v
+                        acc[1] += w
+            else:
+                loss = self.root(self._idle_loss)
+            # FSDP averages gradients over ranks; the loss is already normalised globally.
+            (loss * self.world_size).backward()
+            loss_sum += float(loss.detach())
+
+        grad_norm = self._clip_gradients()
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+
+        totals = torch.tensor([loss_sum, time.perf_counter() - t0], dtype=torch.float64)
+        dist.all_reduce(totals[:1])
+        elapsed = torch.tensor([totals[1]], dtype=torch.float64)
+        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+        gathered: list[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, weighted)
+        out = {"loss": float(totals[0]), "grad_norm": grad_norm, "lr": float(lr),
+               "num_tokens": global_tokens, "num_sequences": global_seqs,
+               "num_micro_batches": float(n_micro), "time_s": float(elapsed)}
+        for key in sorted({k for g in gathered for k in g}):
+            num = sum(g[key][0] for g in gathered if key in g)
+            den = sum(g[key][1] for g in gathered if key in g)
+            out[key] = num if key.endswith("num_tokens") else (num / den if den else 0.0)
+        return out
+
+    def _topk(self, records: Sequence[Scored]) -> int:
+        if self.topk is not None:
+            return int(self.topk)
+        ks = {int(np.shape(r.teacher_topk_ids)[1]) for r in records if np.ndim(r.teacher_topk_ids) == 2}
+        # Ranks must agree on K only through the records; the smallest common K is always valid.
+        return min(ks) if ks else 1
+
+    def _micro_batch_loss(self, policy, batch: Batch, advantages: torch.Tensor, denominator: float):
+        algo = self.algorithm
+        out = response_logprobs(
+            policy, batch.input_ids, batch.attention_mask, batch.response_mask, batch.topk_ids,
+            temperature=self.temperature, chunk_size=self.chunk_size,
+        )
+        fn, mask = algo.loss_fn, batch.response_mask
+        kwargs = dict(self.loss_kwargs)
+        kwargs["denominator"] = denominator
+        if _accepts(fn, "entropy"):
+            kwargs["entropy"] = out.entropy
+        if algo.needs_teacher:
+            if _accepts(fn, "group_ids"):
+                kwargs["group_ids"] = batch.group_ids
+            if _accepts(fn, "behaviour_logprobs"):
+                kwargs["behaviour_logprobs"] = batch.behaviour_logprobs
+            return fn(out.token_logprobs, out.topk_logprobs, batch.teacher_topk_logprobs, mask, **kwargs)
+        if algo.needs_advantages:
+            return fn(out.token_logprobs, mask, advantages, old_logprobs=batch.behaviour_logprobs, **kwargs)
+        return fn(out.token_logprobs, mask, **kwargs)
+
+    def _idle_loss(self, policy):
+        """A zero-weighted forward/backward on two pad tokens: it runs the same collectives as a
+        real micro-batch and touches every parameter, adding exactly zero to every gradient."""
+        ids = torch.full((1, 2), self.pad_id, dtype=torch.long, device=self.device)
+        mask = torch.tensor([[0, 1]], device=self.device)
+        out = response_logprobs(policy, ids, torch.ones_like(ids), mask,
+                                temperature=self.temperature, chunk_size=self.chunk_size)
+        return out.token_logprobs.sum() * 0.0
+
+    def _clip_gradients(self) -> float:
+        from torch.distributed.tensor import DTensor
+
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if not params:
+            return 0.0
+        total = torch.nn.utils.get_total_norm([p.grad for p in params], norm_type=2.0)
+        if isinstance(total, DTensor):
+            total = total.full_tensor()  # the per-shard norms combined into the global norm
+        if self.grad_clip is not None and self.grad_clip > 0:
+            torch.nn.utils.clip_grads_with_norm_(params, self.grad_clip, total)
+        return float(total)
+
+    # ------------------------------------------------------------------ inference helpers
+
+    def _inference(self, fn: Callable, *args):
+        with torch.no_grad():
+            result = self.root(fn, *args)
+        # Without a backward the root keeps its all-gathered parameters after forward; put the
+        # shards back so state dicts and checkpoints see the sharded model.
+        self.root.reshard()
+        return result
+
+    def sequence_logprobs(self, prompt_ids: Sequence[int], response_ids: Sequence[int]) -> list[float]:
+        """Log π(response token t | prompt, response_<t) for each t, under the current weights."""
+        P = len(prompt_ids)
+        if P == 0:
+            raise ValueError("prompt_ids is empty: the first response token has no state")
+        ids = torch.tensor([list(prompt_ids) + list(response_ids)], dtype=torch.long, device=self.device)
+        mask = torch.zeros_like(ids)
+        mask[0, P:] = 1
+
+        def fn(policy):
+            return response_logprobs(policy, ids, torch.ones_like(ids), mask,
+                                     temperature=self.temperature, chunk_size=self.chunk_size).token_logprobs
+
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            lp = self._inference(fn)
+        finally:
+            self.model.train(was_training)
+        return lp[0, P:].double().cpu().tolist()
+
+    # ------------------------------------------------------------------ weights and checkpoints
+
+    def _full_state_dict(self) -> dict[str, torch.Tensor]:
+        """All-gathered float32 CPU tensors on rank 0, {} elsewhere (collective)."""
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+        )
+
+        return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def state_dict_numpy(self) -> dict[str, np.ndarray] | None:
+        """The full HF-named state dict as float32 numpy on rank 0, None on the others (collective)."""
+        state = self._full_state_dict()
+        if self.rank != 0:
+            return None
+        return {name: t.detach().to(torch.float32).numpy() for name, t in state.items()}
+
+    def _sharded_state(self) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import (
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
+
+        return {"model": get_model_state_dict(self.model),
+                "optimizer": get_optimizer_state_dict(self.model, self.optimizer)}
+
+    def save_checkpoint(self, path: str, extra: dict) -> None:
+        """Sharded model + optimizer state (DCP, one file per rank), scheduler, per-rank RNG, and
+        ``extra`` (the trainer's own state) written by rank 0 (collective)."""
+        import torch.distributed.checkpoint as dcp
+
+        root = Path(path)
+        if self.rank == 0:
+            root.mkdir(parents=True, exist_ok=True)
+        dist.barrier()
+        dcp.save(self._sharded_state(), checkpoint_id=str(root / "dcp"))
+        (root / "rng").mkdir(parents=True, exist_ok=True)
+        torch.save(_rng_state(), root / "rng" / f"rank{self.rank}.pt")
+        if self.rank == 0:
+            meta = {"extra": extra, "scheduler": self.scheduler.state_dict(), "step": self.step,
+                    "world_size": self.world_size}
+            tmp = root / "learner_state.pkl.tmp"
+            tmp.write_bytes(pickle.dumps(meta))
+            os.replace(tmp, root / "learner_state.pkl")  # a reader never sees a half-written file
+        dist.barrier()
+
+    def load_checkpoint(self, path: str) -> dict:
+        """Restore what :meth:`save_checkpoint` wrote; returns its ``extra`` (collective)."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import (
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        root = Path(path)
+        if not (root / "learner_state.pkl").is_file():
+            raise FileNotFoundError(f"no learner checkpoint at {root} (missing learner_state.pkl)")
+        state = self._sharded_state()
+        dcp.load(state, checkpoint_id=str(root / "dcp"))  # in place, into this rank's shards
+        set_model_state_dict(self.model, state["model"])
+        set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"])
+        meta = pickle.loads((root / "learner_state.pkl").read_bytes())
+        self.scheduler.load_state_dict(meta["scheduler"])
+        self.step = int(meta["step"])
+        rng = root / "rng" / f"rank{self.rank}.pt"
+        if rng.is_file() and meta.get("world_size") == self.world_size:
+            _set_rng_state(torch.load(rng, weights_only=False))
+        dist.barrier()
+        return meta["extra"]
+
+    def save_hf(self, path: str) -> None:
+        """A ``save_pretrained`` directory (weights, config, tokenizer from ``model_path``) written
+        by rank 0 (collective)."""
+        state = self._full_state_dict()
+        if self.rank == 0:
+            from transformers import AutoTokenizer
+
+            out = Path(path)
+            out.mkdir(parents=True, exist_ok=True)
+            self.model.save_pretrained(out, state_dict=state)
+            try:
+                AutoTokenizer.from_pretrained(self.model_path, local_files_only=True).save_pretrained(out)
+            except (OSError, ValueError):
+                # A model directory without a tokenizer: copy nothing rather than fail the save.
+                pass
+            for name in ("tiny_model_config.json",):
+                src = Path(self.model_path) / name
+                if src.is_file():
+                    shutil.copy(src, out / name)
+        dist.barrier()
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+__all__ = ["BACKENDS", "DTYPES", "LearnerWorker", "check_settings"]

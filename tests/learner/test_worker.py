@@ -1,0 +1,103 @@
+"""LearnerWorker in one process (world size 1, a real gloo group, real FSDP2): the gradient
+accumulated over micro-batches with global normalisation equals one loss over the whole batch.
+
+The optimizer uses a large Adam ``eps`` so that the first step is ``lr · g / (|g| + eps)``: linear
+in the gradient to first order, so comparing parameters compares gradients (with the default eps
+Adam's first step is ``lr · sign(g)`` and would hide any rescaling of the gradient).
+"""
+
+import socket
+
+import numpy as np
+import pytest
+
+from distil_ray.learner.worker import LearnerWorker
+from distil_ray.models import load_tiny, tiny_model_dir
+
+from .learner_data import make_records, reference_step
+
+STEP = dict(lr=1e-2, eps=1.0, weight_decay=0.01, grad_clip=1.0)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def setup():
+    path = tiny_model_dir()
+    model, tok = load_tiny(path)
+    # 5 prompts x 3 samples; record 1 has no feedback (distill_mask False)
+    return path, tok, make_records(model, tok, n_prompts=5, samples=3, seed=1)
+
+
+CASES = [
+    ("distil", {"baseline": "group"}, None),  # groups kept whole across micro-batches
+    ("ce", {"loss_agg": "seq-sum"}, None),  # a sequence-count denominator
+    ("sdpo", {"alpha": 0.5}, None),
+    ("opsd", {}, None),
+    ("grpo", {"clip_ratio_c": 3.0}, {"normalize_std": True}),
+    ("sft", {"loss_agg": "seq-mean-token-mean"}, None),
+]
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("algorithm,loss_kwargs,advantage_kwargs", CASES, ids=[c[0] for c in CASES])
+def test_micro_batched_step_equals_one_full_batch_step(setup, algorithm, loss_kwargs, advantage_kwargs):
+    path, tok, records = setup
+    worker = LearnerWorker(str(path), rank=0, world_size=1, master_addr="127.0.0.1", master_port=free_port(),
+                           algorithm=algorithm, loss_kwargs=loss_kwargs, advantage_kwargs=advantage_kwargs,
+                           micro_batch_size=2, **STEP)
+    try:
+        metrics = worker.train_step(records)
+        state = worker.state_dict_numpy()
+    finally:
+        worker.close()
+    assert metrics["num_micro_batches"] >= 2  # really accumulated
+    reference, _ = load_tiny(path)
+    before = {k: v.clone() for k, v in reference.state_dict().items()}
+    ref_loss, ref_norm = reference_step(reference, records, algorithm=algorithm, loss_kwargs=loss_kwargs,
+                                        advantage_kwargs=advantage_kwargs, pad_id=tok.pad_token_id, **STEP)
+    after = reference.state_dict()
+    assert set(state) == set(after)
+    moved = max(float((after[k] - before[k]).abs().max()) for k in after)
+    assert moved > 1e-4  # the step is large enough for the comparison to mean something
+    for k in after:
+        np.testing.assert_allclose(state[k], after[k].numpy(), rtol=0, atol=1e-6, err_msg=k)
+    assert metrics["loss"] == pytest.approx(ref_loss, rel=1e-5, abs=1e-7)
+    assert metrics["grad_norm"] == pytest.approx(ref_norm, rel=1e-5)
+    assert np.isfinite(metrics["loss"]) and metrics["lr"] == STEP["lr"]
+
+
+@pytest.mark.parametrize("key,value,name", [("algorithm", "ppo", "algorithm.name"),
+                                            ("backend", "mpi", "learner.backend"),
+                                            ("dtype", "float8", "learner.dtype")])
+def test_bad_settings_name_the_key(key, value, name):
+    kwargs = dict(rank=0, world_size=1, master_addr="127.0.0.1", master_port=1, algorithm="distil", loss_kwargs={})
+    kwargs[key] = value
+    with pytest.raises(ValueError, match=name.replace(".", r"\.")):
+        LearnerWorker(str(tiny_model_dir()), **kwargs)
+
+
+@pytest.mark.timeout(240)
+def test_bfloat16_compute_keeps_float32_master_weights(setup):
+    path, tok, records = setup
+    results = {}
+    for dtype in ("float32", "bfloat16"):
+        worker = LearnerWorker(str(path), rank=0, world_size=1, master_addr="127.0.0.1", master_port=free_port(),
+                               algorithm="ce", loss_kwargs={}, micro_batch_size=8, dtype=dtype, **STEP)
+        try:
+            results[dtype] = worker.train_step(records), worker.state_dict_numpy()
+        finally:
+            worker.close()
+    (m32, s32), (m16, s16) = results["float32"], results["bfloat16"]
+    assert all(v.dtype == np.float32 for v in s16.values())
+    assert m16["loss"] == pytest.approx(m32["loss"], rel=2e-2)  # bf16 logits, same loss
+    # the weights took the same step, up to the bf16 rounding of the gradient
+    initial = {k: v.numpy() for k, v in load_tiny(path)[0].state_dict().items()}
+    d32 = np.concatenate([(s32[k] - initial[k]).ravel() for k in initial])
+    d16 = np.concatenate([(s16[k] - initial[k]).ravel() for k in initial])
+    assert np.linalg.norm(d32) > 1e-3
+    assert np.linalg.norm(d16 - d32) < 0.1 * np.linalg.norm(d32)
