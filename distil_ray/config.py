@@ -69,6 +69,9 @@ class WarmStartConfig:
     batch_size: int = 32
     lr: float = 3e-3
     seed: int = 0
+    # share of the examples whose user turn is a teacher context (a sibling's solution or feedback):
+    # this is where the tiny model learns to read feedback, as a pretrained LLM can
+    context_fraction: float = 0.5
 
 
 @dataclass
@@ -90,7 +93,7 @@ class AlgorithmConfig:
 class RolloutConfig:
     engine: str = "vllm"  # vllm | hf
     num_workers: int = 1
-    num_cpus: float = 0.5
+    num_cpus: float = 0.25
     n_samples: int = 4  # rollouts per prompt (a group)
     temperature: float = 1.0
     top_p: float = 1.0
@@ -133,7 +136,7 @@ class TeacherConfig:
     backend: str = "vllm"  # vllm | hf
     context: str = "reprompt"  # reprompt (feedback / successful sibling) | reference_solution (OPSD)
     topk: int = 20
-    num_cpus: float = 0.5
+    num_cpus: float = 0.25
     kv_cache_memory_bytes: int = 64 * 2**20
     reprompt: RepromptSchema = field(default_factory=RepromptSchema)
 
@@ -533,6 +536,33 @@ def _check_resume(c: _Checker) -> None:
         )
 
 
+def cpu_demand(cfg: "RunConfig", needs_teacher: bool = True) -> dict[str, float]:
+    """The CPUs each kind of actor asks Ray for (scheduling shares, not threads)."""
+    demand = {
+        "rollout.num_cpus * rollout.num_workers": cfg.rollout.num_cpus * cfg.rollout.num_workers,
+        "feedback.num_cpus * feedback.num_workers": cfg.feedback.num_cpus * cfg.feedback.num_workers,
+        "learner.num_cpus * learner.world_size": cfg.learner.num_cpus * cfg.learner.world_size,
+    }
+    if needs_teacher:
+        demand["teacher.num_cpus"] = cfg.teacher.num_cpus
+    return demand
+
+
+def _check_cpu_budget(cfg: "RunConfig") -> None:
+    # Ray would otherwise queue the actors that do not fit and the run would wait forever
+    if cfg.ray.num_cpus is None or cfg.ray.address is not None:
+        return
+    from distil_ray.algorithms import ALGORITHMS
+
+    demand = cpu_demand(cfg, ALGORITHMS[cfg.algorithm.name].needs_teacher)
+    if sum(demand.values()) > cfg.ray.num_cpus + 1e-9:
+        parts = ", ".join(f"{k} = {v:g}" for k, v in demand.items())
+        raise ConfigError(
+            f"ray.num_cpus={cfg.ray.num_cpus}: the actors ask for {sum(demand.values()):g} CPUs ({parts}); "
+            "lower those shares or raise ray.num_cpus"
+        )
+
+
 def validate(cfg) -> RunConfig:
     """Check every key and value that a type cannot; return the config as a :class:`RunConfig`.
 
@@ -594,6 +624,7 @@ def validate(cfg) -> RunConfig:
     c.positive("learner.grad_clip")
     c.at_least("learner.micro_batch_size", 1)
     c.at_least("learner.logprob_chunk_size", 1)
+    _check_cpu_budget(cfg)
 
     c.at_least("trainer.total_steps", 1)
     c.at_least("trainer.prompts_per_step", 1)

@@ -196,6 +196,7 @@ class LearnerWorker:
         t0 = time.perf_counter()
         algo = self.algorithm
         records = list(records)
+        rollout_sums = self._rollout_sums(records)
         if algo.train_on == "successful":
             records = [r for r in records if r.correct]
         advantages: dict[int, float] = {}
@@ -265,6 +266,31 @@ class LearnerWorker:
             num = sum(g[key][0] for g in gathered if key in g)
             den = sum(g[key][1] for g in gathered if key in g)
             out[key] = num if key.endswith("num_tokens") else (num / den if den else 0.0)
+        out.update(self._rollout_metrics(rollout_sums))
+        return out
+
+    # What the batch looked like before any filtering: the rollouts' rewards, lengths and how many
+    # carried a distillation signal. Summed here and divided after the all-reduce, so the numbers
+    # are over the global batch.
+    _ROLLOUT_FIELDS = ("reward", "correct", "response_tokens", "distill", "truncated")
+
+    @staticmethod
+    def _rollout_sums(records: Sequence[Scored]) -> torch.Tensor:
+        sums = torch.zeros(len(LearnerWorker._ROLLOUT_FIELDS) + 1, dtype=torch.float64)
+        for r in records:
+            sums += torch.tensor([
+                float(r.reward), float(r.correct), float(len(r.response_ids)),
+                float(getattr(r, "distill_mask", False)), float(r.finish_reason == "length"), 1.0,
+            ], dtype=torch.float64)
+        return sums
+
+    def _rollout_metrics(self, sums: torch.Tensor) -> dict[str, float]:
+        dist.all_reduce(sums)
+        n = max(float(sums[-1]), 1.0)
+        names = ("reward_mean", "accuracy", "response_tokens_mean", "distill_fraction", "truncated_fraction")
+        out = {f"rollout/{name}": float(v) / n for name, v in zip(names, sums[:-1])}
+        out["rollout/num_tokens"] = float(sums[2])
+        out["rollout/num_samples"] = float(sums[-1])
         return out
 
     def _topk(self, records: Sequence[Scored]) -> int:
