@@ -95,6 +95,7 @@ class Trainer:
         self._producer: ThreadPoolExecutor | None = None
         self._rounds: list[Future] = []  # data rounds in flight, oldest first
         self._rounds_started = 0
+        self._owns_ray = False
 
     # ------------------------------------------------------------------ the algorithm
     def fit(self) -> dict[str, Any]:
@@ -170,7 +171,8 @@ class Trainer:
     def start_ray(self) -> None:
         cfg = self.cfg
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        if not ray.is_initialized():
+        self._owns_ray = not ray.is_initialized()
+        if self._owns_ray:
             ray.init(
                 address=cfg.ray.address,
                 num_cpus=cfg.ray.num_cpus if cfg.ray.address is None else None,
@@ -447,3 +449,5 @@ class Trainer:
         self.feedback.shutdown()
         for actor in self.rollout_workers + ([self.teacher] if self.teacher is not None else []) + [self.replay]:
             ray.kill(actor)
+        if self._owns_ray:  # a multirun's next job starts a clean cluster
+            ray.shutdown()
