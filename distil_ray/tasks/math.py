@@ -571,7 +571,9 @@ class MathTask:
         reference = {"answer": norm["answer"]}
         if norm["solution"] is not None:
             reference["solution"] = norm["solution"]
-        meta = {"source": source, "split": split, "id": rid}
+        # "domain" is the label the evaluation groups by (val/domain/<source>/...): a test split of
+        # several sources (AIME24 + AIME25 + HMMT25) is reported per source as well as pooled
+        meta = {"source": source, "domain": source, "split": split, "id": rid}
         for key in ("type", "problem_type", "level", "subject", "url"):
             if record.get(key) is not None:
                 meta[key] = record[key]
