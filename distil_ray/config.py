@@ -94,6 +94,7 @@ class RolloutConfig:
     engine: str = "vllm"  # vllm | hf
     num_workers: int = 1
     num_cpus: float = 0.25
+    num_gpus: float = 0.0  # per worker; 1 on a GPU node
     n_samples: int = 4  # rollouts per prompt (a group)
     temperature: float = 1.0
     top_p: float = 1.0
@@ -138,6 +139,10 @@ class TeacherConfig:
     topk: int = 20
     num_cpus: float = 0.25
     kv_cache_memory_bytes: int = 64 * 2**20
+    num_gpus: float = 0.0
+    # teacher context + response beyond this many tokens is not scored (no signal, counted);
+    # None: the model's max_position_embeddings
+    max_context_tokens: Optional[int] = None
     reprompt: RepromptSchema = field(default_factory=RepromptSchema)
 
 
@@ -151,6 +156,7 @@ class ReplayConfig:
 class LearnerConfig:
     world_size: int = 2
     num_cpus: float = 0.5
+    num_gpus: float = 0.0  # per rank; 1 for NCCL training
     backend: str = "gloo"  # gloo | nccl
     dtype: str = "float32"  # float32 | bfloat16
     lr: float = 1e-5
@@ -624,6 +630,12 @@ def validate(cfg) -> RunConfig:
     c.positive("learner.grad_clip")
     c.at_least("learner.micro_batch_size", 1)
     c.at_least("learner.logprob_chunk_size", 1)
+    for key in ("rollout.num_gpus", "teacher.num_gpus", "learner.num_gpus"):
+        c.at_least(key, 0.0)
+    if cfg.learner.backend == "nccl" and cfg.learner.num_gpus < 1:
+        raise ConfigError("learner.backend='nccl' needs learner.num_gpus >= 1 (one GPU per rank)")
+    if cfg.teacher.max_context_tokens is not None:
+        c.at_least("teacher.max_context_tokens", 2)
     _check_cpu_budget(cfg)
 
     c.at_least("trainer.total_steps", 1)

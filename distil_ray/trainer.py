@@ -247,7 +247,7 @@ class Trainer:
 
     def start_actors(self, model_dir: str) -> None:
         cfg = self.cfg
-        rollout_actor = ray.remote(num_cpus=cfg.rollout.num_cpus)(RolloutWorker)
+        rollout_actor = ray.remote(num_cpus=cfg.rollout.num_cpus, num_gpus=cfg.rollout.num_gpus)(RolloutWorker)
         engine_kwargs = {"dtype": cfg.model.dtype, "seed": cfg.seed}
         if cfg.rollout.engine == "vllm":
             engine_kwargs.update(kv_cache_memory_bytes=cfg.rollout.kv_cache_memory_bytes, max_num_seqs=cfg.rollout.max_num_seqs)
@@ -263,13 +263,15 @@ class Trainer:
             backend_kwargs = {"dtype": cfg.model.dtype}
             if cfg.teacher.backend == "vllm":
                 backend_kwargs["kv_cache_memory_bytes"] = cfg.teacher.kv_cache_memory_bytes
-            self.teacher = ray.remote(num_cpus=cfg.teacher.num_cpus)(TeacherScorer).options(name="teacher").remote(
+                backend_kwargs["max_logprobs"] = max(cfg.teacher.topk, 20)
+            self.teacher = ray.remote(num_cpus=cfg.teacher.num_cpus, num_gpus=cfg.teacher.num_gpus)(TeacherScorer).options(name="teacher").remote(
                 model_dir,
                 backend=cfg.teacher.backend,
                 topk=cfg.teacher.topk,
                 context=cfg.teacher.context,
                 reprompt=_plain(cfg.teacher.reprompt),
                 backend_kwargs=backend_kwargs,
+                max_context_tokens=cfg.teacher.max_context_tokens,
             )
         self.replay = ray.remote(num_cpus=0)(ReplayQueue).options(name="replay").remote(
             capacity=cfg.replay.capacity, max_staleness=cfg.replay.max_staleness
@@ -278,6 +280,7 @@ class Trainer:
             model_dir,
             world_size=cfg.learner.world_size,
             num_cpus_per_rank=cfg.learner.num_cpus,
+            num_gpus_per_rank=cfg.learner.num_gpus,
             algorithm=cfg.algorithm.name,
             loss_kwargs=_plain(cfg.algorithm.loss),
             advantage_kwargs=_plain(cfg.algorithm.advantages),
@@ -290,7 +293,7 @@ class Trainer:
             logprob_chunk_size=cfg.learner.logprob_chunk_size,
             temperature=cfg.rollout.temperature,
             backend=cfg.learner.backend,
-            dtype=cfg.model.dtype,
+            dtype=cfg.learner.dtype,
             seed=cfg.seed,
         )
         # the examples' reference data (answer keys, tests) goes into the object store once

@@ -24,6 +24,9 @@ CPU_SCALE = [
     "model=tiny",
     "warm_start.enabled=false",
     "learner.backend=gloo",
+    "learner.num_gpus=0",
+    "rollout.num_gpus=0",
+    "teacher.num_gpus=0",
     "learner.world_size=2",
     "learner.dtype=float32",
     "learner.num_cpus=0.5",
@@ -35,10 +38,6 @@ CPU_SCALE = [
     "feedback.num_workers=1",
     "rollout.kv_cache_memory_bytes=67108864",
     "teacher.kv_cache_memory_bytes=67108864",
-    # vLLM-CPU prefills at most 4096 tokens per engine step and splits a longer batch of prompts
-    # (chunked prefill); a split request with a seeded sampler then fails ("CPU Generator does not
-    # use offset"). Two sequences of <= 2048 tokens never split.
-    "rollout.max_num_seqs=2",
     "trainer.total_steps=1",
     "trainer.prompts_per_step=2",
     "trainer.checkpoint_every=0",
@@ -99,9 +98,6 @@ def test_sciknoweval_experiment(ray_cluster, tmp_path):
             # grader's feedback out of the teacher's context: no sample would reach the teacher.
             # With the feedback in, every sample is scored.
             "teacher.reprompt.include_environment_feedback=true",
-            # The vLLM teacher engine is built with max_logprobs=64 whatever teacher.topk is, so
-            # the experiment's top-100 fails at the first scored sample; 64 until that is fixed.
-            "teacher.topk=64",
         ],
         tmp_path,
     )

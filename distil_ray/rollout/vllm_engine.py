@@ -53,8 +53,15 @@ def make_llm(
 ):
     """A ``vllm.LLM`` configured for in-process use by the rollout and teacher actors."""
     _prepare_env()
+    import torch
     from vllm import LLM
 
+    if not torch.cuda.is_available():
+        # The CPU backend prefills at most a few thousand tokens per engine step and splits longer
+        # prompts across steps, which its seeded sampler cannot do ("CPU Generator does not use
+        # offset"): prefill every prompt in one step instead.
+        llm_kwargs.setdefault("enable_chunked_prefill", False)
+        llm_kwargs.setdefault("max_num_batched_tokens", max(max_model_len or 0, 8192))
     return LLM(
         model=str(model_path),
         tokenizer=str(model_path),

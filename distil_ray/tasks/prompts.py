@@ -39,6 +39,10 @@ class PromptStream:
     def __init__(self, prompts: Sequence[Prompt], batch_size: int, seed: int = 0):
         if not prompts:
             raise ValueError("the training split has no prompts")
+        if batch_size > len(prompts):
+            raise ValueError(
+                f"trainer.prompts_per_step={batch_size}: the training split has only {len(prompts)} prompts"
+            )
         self.prompts = list(prompts)
         self.batch_size = batch_size
         self.seed = seed
@@ -46,25 +50,30 @@ class PromptStream:
         self.position = 0
         self._order = self._shuffled(0)
 
-    def _shuffled(self, epoch: int) -> list[int]:
+    def _shuffled(self, epoch: int, defer: Sequence[int] = ()) -> list[int]:
+        """The epoch's order; prompts in ``defer`` (already in the batch being filled when the
+        epoch rolled over) move to the end, so each prompt still comes once per epoch."""
         order = list(range(len(self.prompts)))
         random.Random(f"{self.seed}/{epoch}").shuffle(order)
-        return order
+        deferred = set(defer)
+        return [i for i in order if i not in deferred] + [i for i in order if i in deferred]
 
     def next_batch(self) -> list[Prompt]:
-        batch = []
+        """The next ``batch_size`` prompts, never one prompt twice: the driver routes samples to
+        their group by prompt, so a repeated prompt would merge two groups into one."""
+        batch: list[int] = []
         while len(batch) < self.batch_size:
             if self.position == len(self._order):
                 self.epoch += 1
                 self.position = 0
-                self._order = self._shuffled(self.epoch)
-            batch.append(self.prompts[self._order[self.position]])
+                self._order = self._shuffled(self.epoch, defer=batch)
+            batch.append(self._order[self.position])
             self.position += 1
-        return batch
+        return [self.prompts[i] for i in batch]
 
-    def state(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "position": self.position}
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "order": list(self._order)}
 
-    def load_state(self, state: dict[str, int]) -> None:
+    def load_state(self, state: dict) -> None:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
-        self._order = self._shuffled(self.epoch)
+        self._order = [int(i) for i in state["order"]]

@@ -55,6 +55,7 @@ class TeacherScorer:
         reprompt: dict | None = None,
         backend_kwargs: dict | None = None,
         num_threads: int | None = None,
+        max_context_tokens: int | None = None,
     ):
         if backend not in BACKENDS:
             raise ValueError(f"teacher.backend={backend!r} is not one of {BACKENDS}")
@@ -72,9 +73,17 @@ class TeacherScorer:
         self.backend_name = backend
         self.backend = build_teacher_backend(model_path, backend, backend_kwargs)
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
+        if max_context_tokens is None:
+            from transformers import AutoConfig
+
+            max_context_tokens = getattr(AutoConfig.from_pretrained(model_path, local_files_only=True),
+                                         "max_position_embeddings", None)
+        # teacher context + response longer than this is not scored (no signal, counted as too_long):
+        # a long reference solution or trace must not take the run down
+        self.max_context_tokens = max_context_tokens
         self._version = 0
         self._last_contexts: list[list[int] | None] = []
-        self._stats = {"scored": 0, "no_signal": 0, "used_solution": 0, "used_feedback": 0, "score_seconds": 0.0}
+        self._stats = {"scored": 0, "no_signal": 0, "used_solution": 0, "used_feedback": 0, "too_long": 0, "score_seconds": 0.0}
 
     # ----------------------------------------------------------------------------------------
 
@@ -120,10 +129,15 @@ class TeacherScorer:
         k = self.topk
         teacher_prompts, responses, which = [], [], []
         self._last_contexts = [None] * len(graded)
+        too_long = set()
         for i, (g, ctx) in enumerate(zip(graded, contexts)):
             if ctx.has_signal and len(g.response_ids) > 0:
                 tp = self.teacher_prompt_ids(ctx)
                 response = np.asarray(g.response_ids).astype(np.int64).tolist()  # exact student tokens
+                if self.max_context_tokens is not None and len(tp) + len(response) > self.max_context_tokens:
+                    too_long.add(i)
+                    self._stats["too_long"] += 1
+                    continue
                 teacher_prompts.append(tp)
                 responses.append(response)
                 which.append(i)
@@ -159,7 +173,7 @@ class TeacherScorer:
                     teacher_topk_ids=top_ids,
                     teacher_topk_logprobs=top_lp,
                     teacher_token_logprobs=token_lp,
-                    distill_mask=bool(ctx.has_signal and T > 0),
+                    distill_mask=bool(ctx.has_signal and T > 0 and i not in too_long),
                 )
             )
         return out

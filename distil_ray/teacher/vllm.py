@@ -72,7 +72,7 @@ class VLLMTeacher:
         if k > self.max_logprobs:
             raise ValueError(
                 f"teacher top-k={k} exceeds the engine's max_logprobs={self.max_logprobs}; "
-                "raise teacher.backend_kwargs.max_logprobs"
+                "the engine must be built with max_logprobs >= teacher.topk"
             )
         # empty responses have nothing to score: they skip the engine
         todo = [i for i, r in enumerate(response_ids) if len(r) > 0]

@@ -31,3 +31,21 @@ def test_resume_continues_exactly():
     b = PromptStream(_prompts(7), batch_size=3, seed=4)
     b.load_state(state)
     assert [[p.uid for p in b.next_batch()] for _ in range(5)] == expected
+
+
+def test_no_prompt_twice_in_a_batch_across_epochs():
+    stream = PromptStream(_prompts(5), batch_size=4, seed=3)
+    counts = {f"p{i}": 0 for i in range(5)}
+    for _ in range(25):
+        batch = [p.uid for p in stream.next_batch()]
+        assert len(set(batch)) == len(batch)
+        for uid in batch:
+            counts[uid] += 1
+    assert set(counts.values()) == {20}  # still once per epoch: 100 draws over 5 prompts
+
+
+def test_batch_larger_than_the_split_is_refused():
+    import pytest
+
+    with pytest.raises(ValueError, match="trainer.prompts_per_step=6"):
+        PromptStream(_prompts(5), batch_size=6)
