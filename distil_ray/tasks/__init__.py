@@ -18,6 +18,7 @@ TASKS: dict[str, str | Callable[..., Task]] = {
     "sciknoweval": "distil_ray.tasks.sciknoweval:SciKnowEvalTask",
     "math": "distil_ray.tasks.math:MathTask",
     "livecodebench": "distil_ray.tasks.livecodebench:LiveCodeBenchTask",
+    "toy": "distil_ray.tasks.toy:ToyTask",
 }
 
 
