@@ -220,12 +220,15 @@ class Trainer:
             return str(cfg.model.path)
         from distil_ray.models.tiny import TinyModelConfig, tiny_model_dir
 
-        model_dir = tiny_model_dir(TinyModelConfig(**_plain(cfg.model.tiny)))
+        task = get_task(cfg.task.name, **_plain(cfg.task.kwargs))
+        # a task may offer lines of its own text for the tiny tokenizer: its prompts and feedback
+        # then tokenise into a few tokens per word, as a real LLM's vocabulary would
+        corpus = tuple(task.tokenizer_corpus()) if hasattr(task, "tokenizer_corpus") else ()
+        model_dir = tiny_model_dir(TinyModelConfig(**_plain(cfg.model.tiny), extra_corpus=corpus))
         if cfg.warm_start.enabled:
             from distil_ray.models.warm_start import WarmStartConfig, warm_start_dir
 
             t0 = time.perf_counter()
-            task = get_task(cfg.task.name, **_plain(cfg.task.kwargs))
             model_dir = warm_start_dir(model_dir, task, WarmStartConfig(**_plain(cfg.warm_start)))
             log.info("warm start ready in %.1f s: %s", time.perf_counter() - t0, model_dir)
         return str(model_dir)
