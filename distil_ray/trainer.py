@@ -34,7 +34,7 @@ from distil_ray.algorithms import get_algorithm
 from distil_ray.evaluation.metrics import aggregate_grades
 from distil_ray.feedback.pool import FeedbackPool
 from distil_ray.learner.group import LearnerGroup
-from distil_ray.records import Prompt
+from distil_ray.records import Graded, Prompt, Scored
 from distil_ray.replay import ReplayQueue
 from distil_ray.rollout.engine import SamplingConfig
 from distil_ray.rollout.worker import RolloutWorker
@@ -58,9 +58,10 @@ def _plain(node) -> Any:
 
 
 @ray.remote(num_cpus=0)
-def _gather_group(*records):
-    """One ref for a prompt's whole group, so the learner keeps the group on one rank."""
-    return list(records)
+def _gather_group(*records: Graded) -> list[Scored]:
+    """Without a teacher (grpo, sft): one ref for a prompt's whole group, so the learner keeps the
+    group on one rank; records carry no teacher scores and no distillation signal."""
+    return [Scored.from_graded(r) for r in records]
 
 
 class StageClock:

@@ -108,3 +108,14 @@ def test_resume_continues_the_same_run(ray_cluster, tmp_path):
     assert step == 3
     assert np.abs(two_steps - straight).max() > 1e-3  # the third step matters, so the match below does too
     np.testing.assert_allclose(resumed, straight, atol=1e-6)
+
+
+def test_grpo_runs_without_a_teacher(ray_cluster, tmp_path):
+    cfg = compose_config(SMALL + ["algorithm=grpo", "rollout.engine=hf", "trainer.total_steps=2"])
+    trainer = Trainer(cfg, tmp_path)
+    summary = trainer.fit()
+    assert trainer.teacher is None  # no teacher actor is started for an algorithm that needs none
+    assert summary["step"] == 2 and summary["replay/served"] == 2 * 2 * 2
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train = [line for line in lines if "loss" in line]
+    assert len(train) == 2 and all(np.isfinite(line["loss"]) for line in train)
