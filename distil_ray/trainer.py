@@ -119,13 +119,15 @@ class Trainer:
 
     def setup(self) -> None:
         self._t_start = time.perf_counter()
-        self.start_ray()
-        model_dir = self.prepare_model()
-        self.load_prompts(model_dir)
-        self.start_actors(model_dir)
-        self.maybe_resume()
-        self.startup_s = time.perf_counter() - self._t_start
-        self.metrics.log(self.step, {"time/startup_s": self.startup_s})
+        clock = StageClock()
+        clock.timed("ray_start", self.start_ray)
+        model_dir = clock.timed("model", self.prepare_model)  # incl. a warm start that is not cached yet
+        clock.timed("data", self.load_prompts, model_dir)
+        clock.timed("actors", self.start_actors, model_dir)
+        clock.timed("resume", self.maybe_resume)
+        self.startup_s = clock.total()
+        self.metrics.log(self.step, {"time/startup_s": self.startup_s,
+                                     **{f"time/startup/{k}_s": v for k, v in clock.seconds.items()}})
 
     def train_step(self) -> tuple[dict[str, float], dict[str, float]]:
         """One optimizer step: data for it (produced now, or ahead of time when off-policy), the
@@ -373,7 +375,8 @@ class Trainer:
             "stage_seconds": {
                 "rollout": t_rollout - t0,
                 "feedback": t_feedback - t_rollout,
-                "teacher": t_teacher - t_feedback,
+                # without a teacher this is the gathering of each group under one ref
+                ("teacher" if self.teacher is not None else "group"): t_teacher - t_feedback,
             },
         }
 

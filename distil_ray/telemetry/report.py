@@ -1,0 +1,67 @@
+"""Summarise a finished run from its ``metrics.jsonl``: where the wall time went, stage by stage,
+and the validation curve.
+
+    python -m distil_ray.telemetry.report outputs/2026-11-27/02-20-16 [more run dirs...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from distil_ray.telemetry.metrics import read_metrics
+
+STAGES = ("rollout", "feedback", "teacher", "group", "queue", "learner", "sync", "overhead")
+
+
+def stage_seconds(lines: list[dict]) -> dict[str, float]:
+    """Total seconds per stage over all training steps, plus start-up, evaluation and checkpoints."""
+    out = {"startup": sum(line.get("time/startup_s", 0.0) for line in lines)}
+    for line in lines:
+        for key, value in line.items():
+            if key.startswith("time/startup/"):
+                out["  " + key[len("time/startup/"):-2]] = out.get("  " + key[len("time/startup/"):-2], 0.0) + value
+    train = [line for line in lines if "time/step_s" in line]
+    for stage in STAGES:
+        out[stage] = sum(line.get(f"time/{stage}_s", 0.0) for line in train)
+    out["evaluation"] = sum(line.get("time/eval_s", 0.0) for line in lines)
+    out["checkpoint"] = sum(line.get("time/checkpoint_s", 0.0) for line in lines)
+    return out
+
+
+def val_curve(lines: list[dict], key: str = "val/accuracy") -> list[tuple[int, float]]:
+    return [(int(line["step"]), float(line[key])) for line in lines if key in line]
+
+
+def report(run_dir: Path) -> str:
+    lines = read_metrics(run_dir)
+    seconds = stage_seconds(lines)
+    summary_path = Path(run_dir) / "summary.json"
+    wall = json.loads(summary_path.read_text())["wall_s"] if summary_path.exists() else None
+    train = [line for line in lines if "time/step_s" in line]
+    rows = [f"run {run_dir}"]
+    if wall is not None:
+        rows.append(f"  wall (driver, Ray start to shutdown) {wall:8.1f} s")
+    for stage, s in seconds.items():
+        rows.append(f"  {stage:<12} {s:8.2f} s" + (f"   {s / len(train):.3f} s/step" if stage in STAGES and train else ""))
+    if train:
+        syncs = [line["time/sync_s"] for line in train if "time/sync_s" in line]
+        rows.append(f"  sync per step: mean {sum(syncs) / len(syncs):.3f} s, max {max(syncs):.3f} s")
+    curve = val_curve(lines)
+    if curve:
+        rows.append("  val/accuracy: " + "  ".join(f"{step}:{acc:.3f}" for step, acc in curve))
+        rows.append(f"  gain over step 0: {curve[-1][1] - curve[0][1]:+.3f}")
+    return "\n".join(rows)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dirs", nargs="+", type=Path)
+    args = parser.parse_args(argv)
+    for run_dir in args.run_dirs:
+        print(report(run_dir))
+
+
+if __name__ == "__main__":
+    main()
