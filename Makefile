@@ -1,5 +1,5 @@
 # The two commands a newcomer needs; each sets up .venv itself (see scripts/setup_env.sh).
-.PHONY: setup test demo bench
+.PHONY: setup test demo demo-local bench
 
 setup:
 	bash scripts/setup_env.sh
@@ -8,7 +8,10 @@ test: setup
 	.venv/bin/python -m pytest -q
 
 demo: setup
-	.venv/bin/python -m distil_ray.demo
+	.venv/bin/python -m distil_ray.main +experiment=tiny
 
 bench: setup
 	.venv/bin/python benchmarks/bench_logprobs.py
+
+demo-local: setup
+	.venv/bin/python -m distil_ray.demo
