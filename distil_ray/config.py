@@ -80,6 +80,8 @@ class TaskConfig:
     kwargs: Dict[str, Any] = field(default_factory=dict)  # keyword arguments of the task's constructor
     train_split: str = "train"
     val_split: str = "test"
+    # prompts longer than this many tokens (chat template included) are left out, and counted
+    max_prompt_tokens: Optional[int] = None
 
 
 @dataclass
@@ -634,6 +636,8 @@ def validate(cfg) -> RunConfig:
         c.at_least(key, 0.0)
     if cfg.learner.backend == "nccl" and cfg.learner.num_gpus < 1:
         raise ConfigError("learner.backend='nccl' needs learner.num_gpus >= 1 (one GPU per rank)")
+    if cfg.task.max_prompt_tokens is not None:
+        c.at_least("task.max_prompt_tokens", 1)
     if cfg.teacher.max_context_tokens is not None:
         c.at_least("teacher.max_context_tokens", 2)
     _check_cpu_budget(cfg)

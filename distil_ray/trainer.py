@@ -149,6 +149,7 @@ class Trainer:
 
         metrics = {**round_metrics, **train_metrics, **ray.get(self.replay.stats.remote())}
         metrics["policy_version"] = float(self.version)
+        metrics["replay/version_lag"] = float(self._last_lag)
         metrics.update({f"time/{stage}_s": s for stage, s in clock.seconds.items()})
         metrics["time/step_s"] = clock.total()
         metrics["time/overhead_s"] = max(0.0, clock.total() - sum(clock.seconds.values()))
@@ -242,14 +243,25 @@ class Trainer:
         cfg = self.cfg
         tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or model_dir, local_files_only=cfg.model.path is None)
         task = get_task(cfg.task.name, **_plain(cfg.task.kwargs))
-        self.train_prompts = to_prompts(task.load(cfg.task.train_split), tokenizer)
-        val = task.load(cfg.task.val_split)
+        train, val = task.load(cfg.task.train_split), task.load(cfg.task.val_split)
         if cfg.eval.max_prompts is not None:
             val = val[: cfg.eval.max_prompts]
-        self.val_prompts = to_prompts(val, tokenizer)
-        self.examples = {ex.uid: ex for ex in task.load(cfg.task.train_split) + val}
+        self.train_prompts = self._within_length(to_prompts(train, tokenizer), "train")
+        self.val_prompts = self._within_length(to_prompts(val, tokenizer), "validation")
+        self.examples = {ex.uid: ex for ex in train + val}
         self.stream = PromptStream(self.train_prompts, cfg.trainer.prompts_per_step, seed=cfg.seed)
         log.info("%d train prompts, %d validation prompts", len(self.train_prompts), len(self.val_prompts))
+
+    def _within_length(self, prompts: list[Prompt], split: str) -> list[Prompt]:
+        limit = self.cfg.task.max_prompt_tokens
+        if limit is None:
+            return prompts
+        kept = [p for p in prompts if len(p.prompt_ids) <= limit]
+        if len(kept) < len(prompts):
+            log.warning("%d of %d %s prompts are longer than task.max_prompt_tokens=%d and are left out",
+                        len(prompts) - len(kept), len(prompts), split, limit)
+        self.metrics.log(0, {f"data/{split}_prompts_too_long": float(len(prompts) - len(kept))})
+        return kept
 
     def start_actors(self, model_dir: str) -> None:
         cfg = self.cfg
@@ -384,6 +396,8 @@ class Trainer:
         refs, versions = ray.get(self.replay.get.remote(self.cfg.trainer.prompts_per_step, self.version))
         if not refs:
             raise RuntimeError("the replay queue served no data: every group was too stale")
+        # how many updates behind the learner the batch was sampled (0 when on-policy)
+        self._last_lag = sum(self.version - v for v in versions) / len(versions)
         return refs
 
     def sync_weights(self) -> float:

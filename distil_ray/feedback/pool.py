@@ -9,6 +9,7 @@ sandboxed programs at once.
 
 from __future__ import annotations
 
+import threading
 from typing import Any, Iterable, Iterator
 
 import ray
@@ -61,21 +62,23 @@ class FeedbackPool:
         ]
         self._pool = ActorPool(self.workers)
         self._in_flight: list[list[ray.ObjectRef]] = [[] for _ in self.workers]
+        self._lock = threading.Lock()  # the driver grades from its producer thread and its evaluation
 
     def grade_ref(self, example: TaskExample | ray.ObjectRef, rollout: Rollout | ray.ObjectRef) -> ray.ObjectRef:
         """Grade one rollout on the actor with the fewest grading calls in flight; returns the
         ``Graded`` record's ObjectRef at once, so the record can go on to the teacher by reference
         without passing through the caller. (``submit`` is the pull-based variant that returns values.)
         """
-        for refs in self._in_flight:
-            if refs:
-                done, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
-                finished = set(done)
-                refs[:] = [r for r in refs if r not in finished]
-        index = min(range(len(self.workers)), key=lambda i: len(self._in_flight[i]))
-        ref = self.workers[index].grade.remote(example, rollout)
-        self._in_flight[index].append(ref)
-        return ref
+        with self._lock:
+            for refs in self._in_flight:
+                if refs:
+                    done, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+                    finished = set(done)
+                    refs[:] = [r for r in refs if r not in finished]
+            index = min(range(len(self.workers)), key=lambda i: len(self._in_flight[i]))
+            ref = self.workers[index].grade.remote(example, rollout)
+            self._in_flight[index].append(ref)
+            return ref
 
     def submit(self, example: TaskExample | ray.ObjectRef, rollout: Rollout | ray.ObjectRef) -> None:
         """Queue one rollout for grading; it starts as soon as an actor is free.
