@@ -26,13 +26,6 @@ SMALL = [
 ]
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="pipeline-test")
-    yield
-    ray.shutdown()
-
-
 def _logprobs_everywhere(trainer, prompt, response):
     return {
         "learner": np.array(trainer.learner.sequence_logprobs(prompt, response)),

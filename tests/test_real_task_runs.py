@@ -7,7 +7,6 @@ import math
 from pathlib import Path
 
 import pytest
-import ray
 
 from distil_ray.config import compose_config
 from distil_ray.tasks import get_task
@@ -53,13 +52,6 @@ CPU_SCALE = [
 def _needs(path: Path) -> None:
     if not path.exists():
         pytest.skip(f"data not found: {path}")
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="real-task-runs")
-    yield
-    ray.shutdown()
 
 
 def _run(experiment: str, overrides: list[str], run_dir: Path):

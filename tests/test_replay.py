@@ -47,15 +47,8 @@ def test_capacity_and_bad_values():
         ReplayBuffer(capacity=1, max_staleness=-1)
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
-    yield
-    ray.shutdown()
-
-
 @pytest.mark.timeout(120)
-def test_actor_back_pressure_and_refs_are_not_resolved(ray_local):
+def test_actor_back_pressure_and_refs_are_not_resolved(ray_cluster):
     queue = ray.remote(num_cpus=0.1)(ReplayQueue).remote(capacity=4, max_staleness=0)
     records = [ray.put({"group": i}) for i in range(3)]
     assert ray.get(queue.put.remote([records[0]], 4, 0))
@@ -73,7 +66,7 @@ def test_actor_back_pressure_and_refs_are_not_resolved(ray_local):
 
 
 @pytest.mark.timeout(120)
-def test_actor_get_waits_for_producer(ray_local):
+def test_actor_get_waits_for_producer(ray_cluster):
     queue = ray.remote(num_cpus=0.1)(ReplayQueue).remote(capacity=16)
     pending = queue.get.remote(2, 0)
     time.sleep(0.3)

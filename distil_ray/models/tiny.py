@@ -363,12 +363,22 @@ def tiny_model_dir(
     config = config or TinyModelConfig()
     root = Path(cache_root) if cache_root is not None else default_cache_root()
     final = root / "tiny_models" / f"qwen3-tiny-{config.cache_key()}"
+    return cached_build(final, lambda out: build_tiny_model(config, out))
+
+
+def cached_build(final: Path, build) -> Path:
+    """``final`` if it exists, else ``build(tmp)`` into a private temp dir renamed into place.
+
+    Rename is atomic, so concurrent builders (Ray actors, pytest workers) never see a half-written
+    directory; the loser of a race discards its copy and uses the winner's (builds are
+    deterministic, so the copies are the same).
+    """
     if final.is_dir():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
     try:
-        build_tiny_model(config, tmp)
+        build(tmp)
         try:
             os.rename(tmp, final)
         except OSError:

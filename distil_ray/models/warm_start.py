@@ -21,8 +21,6 @@ import json
 import math
 import os
 import random
-import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,7 +30,7 @@ from typing import Any
 import torch
 
 from distil_ray.feedback.templates import RepromptConfig, reprompt_group
-from distil_ray.models.tiny import default_cache_root, load_tiny
+from distil_ray.models.tiny import cached_build, default_cache_root, load_tiny
 
 __all__ = [
     "WarmStartConfig",
@@ -119,14 +117,9 @@ def warm_start_dir(
     if not cfg.enabled:
         return base
     root = Path(cache_root) if cache_root is not None else default_cache_root()
-    final = (
-        root / "warm_start" / f"{base.name}-{task.name}-{cache_key(base, task, cfg)}"
-    )
-    if final.is_dir():
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-    try:
+    final = root / "warm_start" / f"{base.name}-{task.name}-{cache_key(base, task, cfg)}"
+
+    def build(tmp: Path) -> None:
         model, tok = load_tiny(base)
         t0 = time.perf_counter()
         stats = train_warm_start(model, tok, task, cfg, log_every)
@@ -135,25 +128,14 @@ def warm_start_dir(
         tok.save_pretrained(tmp)
         (tmp / "warm_start.json").write_text(
             json.dumps(
-                {
-                    "base": str(base),
-                    "task": _task_config(task),
-                    "warm_start": dataclasses.asdict(cfg),
-                    "stats": stats,
-                },
+                {"base": str(base), "task": _task_config(task), "warm_start": dataclasses.asdict(cfg), "stats": stats},
                 indent=2,
                 sort_keys=True,
                 default=str,
             )
         )
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not final.is_dir():  # not a lost race: a real error
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
+
+    return cached_build(final, build)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -27,13 +27,6 @@ for _ in range(t):
 LOOPS_FOREVER = "while True:\n    pass\n"
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def rollout(text: str, index: int = 0) -> Rollout:
     ids = np.arange(5, dtype=np.int32)
     return Rollout("p0", index, ids, np.zeros(5, np.float32), "stop", policy_version=3, text=text, prompt_ids=np.arange(3, dtype=np.int32))

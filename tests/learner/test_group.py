@@ -6,7 +6,6 @@ normalisation over ranks and micro-batches); checkpoints must resume to the iden
 """
 
 import dataclasses
-import os
 
 import numpy as np
 import pytest
@@ -22,14 +21,6 @@ from .learner_data import make_records, reference_step
 WARMUP = 2  # the first step runs at lr / 2: a resumed run must restore the scheduler to match
 STEP = dict(lr=1e-2, eps=1.0, weight_decay=0.01, grad_clip=1.0)
 ALGO = dict(algorithm="distil", loss_kwargs={"baseline": "group", "loss_agg": "token-mean"})
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

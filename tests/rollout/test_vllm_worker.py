@@ -19,13 +19,6 @@ QUESTIONS = ["What is 2 + 3?", "Say hi.", "Name a colour.", "How many days are i
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def worker(ray_cluster):
     actor = ray.remote(RolloutWorker).options(name="rollout-test-0", num_cpus=0.5)
     handle = actor.remote(str(tiny_model_dir()), engine="vllm", engine_kwargs={"kv_cache_memory_bytes": 64 << 20}, num_threads=1)

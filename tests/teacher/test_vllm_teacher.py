@@ -19,13 +19,6 @@ K = 20
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def vllm_teacher(ray_cluster):
     handle = ray.remote(VLLMTeacher).options(num_cpus=0.5).remote(str(tiny_model_dir()), kv_cache_memory_bytes=64 << 20, max_logprobs=32)
     ray.get(handle.sequence_logprobs.remote([1, 2], [3]), timeout=240)
