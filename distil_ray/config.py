@@ -64,14 +64,16 @@ class WarmStartConfig:
     """Supervised pre-training of the tiny model on the task's references, so RL starts from a
     policy that sometimes succeeds (a random tiny model never does)."""
 
+    # the fields and defaults of distil_ray.models.warm_start.WarmStartConfig (a test keeps them
+    # equal; that module imports torch, which the config must not), except that it is off by default
     enabled: bool = False
-    steps: int = 300
-    batch_size: int = 32
-    lr: float = 3e-3
+    steps: int = 1000
+    batch_size: int = 16
+    lr: float = 5e-3
     seed: int = 0
     # share of the examples whose user turn is a teacher context (a sibling's solution or feedback):
     # this is where the tiny model learns to read feedback, as a pretrained LLM can
-    context_fraction: float = 0.5
+    context_fraction: float = 0.6
 
 
 @dataclass

@@ -284,3 +284,15 @@ def test_hydra_settings():
     assert root.hydra.run.dir.startswith("outputs/")
     ignored = (ROOT / ".gitignore").read_text().split()
     assert "outputs/" in ignored and "multirun/" in ignored
+
+
+def test_warm_start_schema_mirrors_the_warm_start_config():
+    import dataclasses
+
+    from distil_ray.config import WarmStartConfig as Schema
+    from distil_ray.models.warm_start import WarmStartConfig
+
+    schema = {f.name: f.default for f in dataclasses.fields(Schema)}
+    real = {f.name: f.default for f in dataclasses.fields(WarmStartConfig)}
+    assert schema.keys() == real.keys()
+    assert {k: v for k, v in schema.items() if k != "enabled"} == {k: v for k, v in real.items() if k != "enabled"}
