@@ -147,6 +147,9 @@ class TeacherConfig:
     # teacher context + response beyond this many tokens is not scored (no signal, counted);
     # None: the model's max_position_embeddings
     max_context_tokens: Optional[int] = None
+    # the teacher's weights: current (synced each step) | ema (moving average, SDPO) | fixed (OPSD)
+    update: str = "current"
+    ema_rate: float = 0.05  # with update=ema: θ_T ← (1 − rate)·θ_T + rate·θ after each step
     reprompt: RepromptSchema = field(default_factory=RepromptSchema)
 
 
@@ -225,6 +228,7 @@ CHOICES: Dict[str, tuple] = {
     "rollout.engine": ("vllm", "hf"),
     "teacher.backend": ("vllm", "hf"),
     "teacher.context": ("reprompt", "reference_solution"),
+    "teacher.update": ("current", "ema", "fixed"),
     "learner.backend": ("gloo", "nccl"),
     "learner.dtype": ("float32", "bfloat16"),
     "logging.wandb_mode": ("offline", "online", "disabled"),
@@ -638,6 +642,7 @@ def validate(cfg) -> RunConfig:
         c.at_least(key, 0.0)
     if cfg.learner.backend == "nccl" and cfg.learner.num_gpus < 1:
         raise ConfigError("learner.backend='nccl' needs learner.num_gpus >= 1 (one GPU per rank)")
+    c.probability("teacher.ema_rate")
     if cfg.task.max_prompt_tokens is not None:
         c.at_least("task.max_prompt_tokens", 1)
     if cfg.teacher.max_context_tokens is not None:

@@ -290,6 +290,8 @@ class Trainer:
                 reprompt=_plain(cfg.teacher.reprompt),
                 backend_kwargs=backend_kwargs,
                 max_context_tokens=cfg.teacher.max_context_tokens,
+                update=cfg.teacher.update,
+                ema_rate=cfg.teacher.ema_rate,
             )
         self.replay = ray.remote(num_cpus=0)(ReplayQueue).options(name="replay").remote(
             capacity=cfg.replay.capacity, max_staleness=cfg.replay.max_staleness
@@ -404,7 +406,9 @@ class Trainer:
         """The learners' new weights to every engine, by one object-store reference."""
         t0 = time.perf_counter()
         state_ref = self.learner.state_dict_ref()
-        targets = self.rollout_workers + ([self.teacher] if self.teacher is not None else [])
+        targets = list(self.rollout_workers)
+        if self.teacher is not None and self.cfg.teacher.update != "fixed":
+            targets.append(self.teacher)  # an EMA teacher averages the new weights in
         ray.get([t.update_weights.remote(state_ref, self.version) for t in targets])
         return time.perf_counter() - t0
 

@@ -29,6 +29,10 @@ from distil_ray.rollout.engine import as_tensor, configure_threads
 
 BACKENDS = ("vllm", "hf")
 CONTEXTS = ("reprompt", "reference_solution")
+# How the teacher's weights follow the learner's: "current" (the policy itself, synced every step),
+# "ema" (an exponential moving average of the policy, SDPO's teacher_update_rate) or "fixed" (the
+# initial policy, OPSD's --fixed_teacher; the driver then never syncs it).
+UPDATES = ("current", "ema", "fixed")
 
 
 def build_teacher_backend(model_path: str, backend: str, backend_kwargs: dict | None = None):
@@ -56,6 +60,8 @@ class TeacherScorer:
         backend_kwargs: dict | None = None,
         num_threads: int | None = None,
         max_context_tokens: int | None = None,
+        update: str = "current",
+        ema_rate: float = 0.05,
     ):
         if backend not in BACKENDS:
             raise ValueError(f"teacher.backend={backend!r} is not one of {BACKENDS}")
@@ -63,6 +69,12 @@ class TeacherScorer:
             raise ValueError(f"teacher.context={context!r} is not one of {CONTEXTS}")
         if topk < 1:
             raise ValueError(f"teacher.topk={topk!r}: must be >= 1")
+        if update not in UPDATES:
+            raise ValueError(f"teacher.update={update!r} is not one of {UPDATES}")
+        if not 0.0 < ema_rate <= 1.0:
+            raise ValueError(f"teacher.ema_rate={ema_rate!r}: must lie in (0, 1]")
+        self.update, self.ema_rate, self.model_path = update, float(ema_rate), model_path
+        self._ema: dict[str, np.ndarray] | None = None
         from transformers import AutoTokenizer
 
         self.reprompt = RepromptConfig(**(reprompt or {}))
@@ -186,7 +198,22 @@ class TeacherScorer:
     # ----------------------------------------------------------------------------------------
 
     def update_weights(self, state: dict[str, np.ndarray], version: int) -> float:
+        """Load the policy's new weights (``update="current"``) or move the EMA teacher towards
+        them: θ_T ← (1 − rate)·θ_T + rate·θ (``update="ema"``). A fixed teacher ignores them."""
         start = time.perf_counter()
+        if self.update == "fixed":
+            return 0.0
+        if self.update == "ema":
+            if self._ema is None:
+                self._ema = _checkpoint_state(self.model_path)
+            for name, value in state.items():
+                ema = self._ema.get(name)
+                if ema is None:  # not in the checkpoint files (e.g. a tied head): start from the policy
+                    self._ema[name] = np.array(value, dtype=np.float32)
+                else:
+                    ema *= 1.0 - self.ema_rate
+                    ema += self.ema_rate * np.asarray(value, dtype=np.float32)
+            state = {name: self._ema[name] for name in state}
         self.backend.load_weights((name, as_tensor(value)) for name, value in state.items())
         self._version = int(version)
         return time.perf_counter() - start
@@ -199,3 +226,18 @@ class TeacherScorer:
 
     def stats(self) -> dict[str, Any]:
         return dict(self._stats)
+
+
+def _checkpoint_state(model_path: str) -> dict[str, np.ndarray]:
+    """The starting weights, HF-named, as writable float32 arrays (the EMA's initial value)."""
+    from pathlib import Path
+
+    from safetensors.numpy import load_file
+
+    files = sorted(Path(model_path).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"teacher.update='ema' needs the starting weights: no *.safetensors in {model_path}")
+    state: dict[str, np.ndarray] = {}
+    for f in files:
+        state.update({k: v.astype(np.float32) for k, v in load_file(str(f)).items()})
+    return state
