@@ -193,7 +193,8 @@ class EvalConfig:
     top_p: float = 1.0
     max_prompts: Optional[int] = None  # None: the whole validation split
     max_new_tokens: Optional[int] = None  # None: rollout.max_new_tokens
-    keep_best: bool = True
+    keep_best: bool = True  # track the best val/accuracy and its step (logged as val/best_*)
+    save_best: bool = False  # also save the best policy as a HF model in RUN_DIR/best_model
 
 
 @dataclass

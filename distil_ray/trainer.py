@@ -42,6 +42,7 @@ from distil_ray.tasks import get_task
 from distil_ray.tasks.prompts import PromptStream, to_prompts
 from distil_ray.teacher.scorer import TeacherScorer
 from distil_ray.telemetry import MetricsLogger, Progress
+from distil_ray.telemetry.ray_metrics import DashboardMetrics
 
 log = logging.getLogger("distil_ray.trainer")
 
@@ -154,6 +155,7 @@ class Trainer:
         metrics["time/step_s"] = clock.total()
         metrics["time/overhead_s"] = max(0.0, clock.total() - sum(clock.seconds.values()))
         self.metrics.log(self.step, metrics)
+        self.dashboard.record(metrics)
         return metrics, dict(clock.seconds)
 
     def finish(self) -> dict[str, Any]:
@@ -186,6 +188,7 @@ class Trainer:
             )
         self._check_cluster_cpus()
         self._link_actor_logs()
+        self.dashboard = DashboardMetrics(run=self.run_dir.name)
         self.metrics = MetricsLogger(
             self.run_dir,
             wandb=cfg.logging.wandb,
@@ -428,10 +431,13 @@ class Trainer:
         metrics = aggregate_grades(grades, groups=domains if all(domains) else None)
         metrics = {f"val/{k}": v for k, v in metrics.items()}
         metrics["time/eval_s"] = time.perf_counter() - t0
-        if self.cfg.eval.keep_best and metrics["val/accuracy"] >= self.best.get("val/best_accuracy", -1.0):
+        if self.cfg.eval.keep_best and metrics["val/accuracy"] > self.best.get("val/best_accuracy", -1.0):
             self.best = {"val/best_accuracy": metrics["val/accuracy"], "val/best_step": float(self.step)}
+            if self.cfg.eval.save_best:
+                self.learner.save_hf(str(self.run_dir / "best_model"))
         metrics.update(self.best)
         self.metrics.log(self.step, metrics)
+        self.dashboard.record(metrics)
         print(
             f"eval step {self.step}: val/accuracy {metrics['val/accuracy']:.3f} "
             f"({len(prompts)} prompts × {sampling.n}, {metrics['time/eval_s']:.1f} s)",
