@@ -47,6 +47,7 @@ from distil_ray.telemetry.ray_metrics import DashboardMetrics
 log = logging.getLogger("distil_ray.trainer")
 
 CHECKPOINTS = "checkpoints"
+TEACHER_EMA = "teacher_ema.safetensors"
 
 
 def _plain(node) -> Any:
@@ -452,6 +453,8 @@ class Trainer:
                  "rounds_started": self._rounds_started}
         t0 = time.perf_counter()
         self.learner.save_checkpoint(str(path), extra)
+        if self.teacher is not None and self.cfg.teacher.update == "ema":
+            ray.get(self.teacher.save_ema.remote(str(path / TEACHER_EMA)))
         (path.parent / "latest").write_text(path.name)
         self.metrics.log(self.step, {"time/checkpoint_s": time.perf_counter() - t0})
 
@@ -472,7 +475,15 @@ class Trainer:
         self.stream.load_state(extra["data"])
         self.best = dict(extra.get("best", {}))
         self._rounds_started = int(extra.get("rounds_started", self.step))
-        self.sync_weights()  # the engines start from the checkpoint's weights, not the base model's
+        # the engines start from the checkpoint's weights, not the base model's; an EMA teacher
+        # from its own saved average (averaging the policy in once more would change it)
+        state_ref = self.learner.state_dict_ref()
+        loads = [w.update_weights.remote(state_ref, self.version) for w in self.rollout_workers]
+        if self.teacher is not None and self.cfg.teacher.update == "current":
+            loads.append(self.teacher.update_weights.remote(state_ref, self.version))
+        elif self.teacher is not None and self.cfg.teacher.update == "ema":
+            loads.append(self.teacher.load_ema.remote(str(path / TEACHER_EMA), self.version))
+        ray.get(loads)
         print(f"resumed from {path} at step {self.step}", flush=True)
 
     def shutdown(self) -> None:

@@ -23,6 +23,7 @@ SMALL = [
     "trainer.eval_at_start=false",
     "trainer.eval_every=0",
     "learner.lr=1e-2",
+    "teacher.update=current",  # the teacher is the policy: after a sync their log-probs must match
 ]
 
 
@@ -81,7 +82,8 @@ def test_steps_sync_versions_and_accounting(ray_cluster, tmp_path):
 def test_resume_continues_the_same_run(ray_cluster, tmp_path):
     """2 steps, stop, resume to 3 == 3 steps straight: same weights (data order, optimizer state,
     sampling seeds and RNG all come back). HF engines: exact sampling on any machine, faster start."""
-    common = SMALL + ["rollout.engine=hf", "teacher.backend=hf", "trainer.checkpoint_every=1"]
+    common = SMALL + ["rollout.engine=hf", "teacher.backend=hf", "trainer.checkpoint_every=1",
+                      "teacher.update=ema", "teacher.ema_rate=0.5"]  # the teacher's average is resumed too
 
     def final_logprobs(run_dir, steps, resume="never"):
         trainer = Trainer(compose_config(common + [f"trainer.total_steps={steps}", f"trainer.resume={resume}"]), run_dir)

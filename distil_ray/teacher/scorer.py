@@ -218,6 +218,21 @@ class TeacherScorer:
         self._version = int(version)
         return time.perf_counter() - start
 
+    def save_ema(self, path: str) -> None:
+        """Write the EMA teacher's weights (part of a checkpoint: a resumed run continues the average)."""
+        from safetensors.numpy import save_file
+
+        if self._ema is None:  # no sync yet: the average is still the starting weights
+            self._ema = _checkpoint_state(self.model_path)
+        save_file(self._ema, path)
+
+    def load_ema(self, path: str, version: int) -> None:
+        from safetensors.numpy import load_file
+
+        self._ema = {k: v.astype(np.float32) for k, v in load_file(path).items()}
+        self.backend.load_weights((name, as_tensor(value)) for name, value in self._ema.items())
+        self._version = int(version)
+
     def version(self) -> int:
         return self._version
 
