@@ -144,7 +144,7 @@ class Trainer:
             clock.add(stage, seconds)
 
         refs = clock.timed("queue", self.take_batch)
-        train_metrics = clock.timed("learner", self.learner.train_step, refs)
+        train_metrics = clock.timed("learner", self.update_policy, refs)
         self.version += 1
         self.step += 1
         clock.timed("sync", self.sync_weights)
@@ -405,6 +405,19 @@ class Trainer:
         # how many updates behind the learner the batch was sampled (0 when on-policy)
         self._last_lag = sum(self.version - v for v in versions) / len(versions)
         return refs
+
+    def update_policy(self, refs: list[ray.ObjectRef]) -> dict[str, float]:
+        """``learner.updates_per_batch`` optimizer steps, each on its own share of the batch's groups;
+        counts add up over the updates, everything else is averaged."""
+        k = self.cfg.learner.updates_per_batch
+        per_update = [self.learner.train_step(refs[i::k]) for i in range(k)]
+        out = {}
+        for key in per_update[0]:
+            values = [m[key] for m in per_update if key in m]
+            counted = key.endswith(("num_tokens", "num_sequences", "num_samples", "num_micro_batches"))
+            out[key] = sum(values) if counted else sum(values) / len(values)
+        out["learner/updates"] = float(k)
+        return out
 
     def sync_weights(self) -> float:
         """The learners' new weights to every engine, by one object-store reference."""

@@ -106,7 +106,9 @@ def test_resume_continues_the_same_run(ray_cluster, tmp_path):
 
 
 def test_grpo_runs_without_a_teacher(ray_cluster, tmp_path):
-    cfg = compose_config(SMALL + ["algorithm=grpo", "rollout.engine=hf", "trainer.total_steps=2"])
+    # two optimizer steps per generation batch, one per prompt group (SDPO's mini-batch updates)
+    cfg = compose_config(SMALL + ["algorithm=grpo", "rollout.engine=hf", "trainer.total_steps=2",
+                                  "learner.updates_per_batch=2"])
     trainer = Trainer(cfg, tmp_path)
     summary = trainer.fit()
     assert trainer.teacher is None  # no teacher actor is started for an algorithm that needs none
@@ -114,6 +116,8 @@ def test_grpo_runs_without_a_teacher(ray_cluster, tmp_path):
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     train = [line for line in lines if "loss" in line]
     assert len(train) == 2 and all(np.isfinite(line["loss"]) for line in train)
+    assert all(line["learner/updates"] == 2 and line["rollout/num_samples"] == 2 * 2 for line in train)
+    assert train[-1]["policy_version"] == 2  # versions count generation batches (syncs), not updates
 
 
 def test_off_policy_generation_runs_ahead(ray_cluster, tmp_path):

@@ -123,6 +123,7 @@ def test_lcb_experiment(ray_cluster, tmp_path):
             "task.kwargs.start_date=2023-08-01",
             "task.kwargs.end_date=2024-01-01",
             "trainer.prompts_per_step=1",
+            "learner.updates_per_batch=1",  # the experiment's 32 updates need 32 prompts per step
             "rollout.n_samples=4",
         ],
         tmp_path,
