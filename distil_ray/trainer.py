@@ -92,7 +92,7 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.algorithm = get_algorithm(cfg.algorithm.name)
-        self.version = 0  # policy version = number of optimizer steps taken
+        self.version = 0  # policy version = number of weight syncs (one per generation batch trained on)
         self.step = 0
         self.best: dict[str, float] = {}
         self._producer: ThreadPoolExecutor | None = None
