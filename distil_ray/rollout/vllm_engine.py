@@ -103,28 +103,9 @@ def prompt_token_logprobs(llm, prompt: list[int], response: list[int]) -> list[f
 class VLLMEngine:
     """``GenerationEngine`` on an in-process ``vllm.LLM``."""
 
-    def __init__(
-        self,
-        model_path: str,
-        *,
-        kv_cache_memory_bytes: int = 64 << 20,
-        max_num_seqs: int = 64,
-        max_model_len: int | None = None,
-        dtype: str = "float32",
-        seed: int = 0,
-        enforce_eager: bool = True,
-        **llm_kwargs,
-    ):
-        self.llm = make_llm(
-            model_path,
-            kv_cache_memory_bytes=kv_cache_memory_bytes,
-            max_num_seqs=max_num_seqs,
-            max_model_len=max_model_len,
-            dtype=dtype,
-            seed=seed,
-            enforce_eager=enforce_eager,
-            **llm_kwargs,
-        )
+    def __init__(self, model_path: str, **llm_kwargs):
+        """``llm_kwargs``: ``make_llm``'s options (KV cache size, dtype, seed, ...)."""
+        self.llm = make_llm(model_path, **llm_kwargs)
 
     def generate(self, prompts: list[list[int]], sampling: SamplingConfig) -> Iterator[tuple[int, int, Sample]]:
         from vllm import SamplingParams

@@ -34,33 +34,12 @@ def _check_pairs(teacher_prompt_ids: Sequence, response_ids: Sequence) -> None:
 class VLLMTeacher:
     """Top-k teacher scores from an in-process ``vllm.LLM``."""
 
-    def __init__(
-        self,
-        model_path: str,
-        *,
-        kv_cache_memory_bytes: int = 64 << 20,
-        dtype: str = "float32",
-        max_num_seqs: int = 64,
-        max_model_len: int | None = None,
-        max_logprobs: int = 64,
-        seed: int = 0,
-        enforce_eager: bool = True,
-        **llm_kwargs,
-    ):
+    def __init__(self, model_path: str, *, max_logprobs: int = 64, **llm_kwargs):
+        """``llm_kwargs``: ``make_llm``'s options; ``max_logprobs`` bounds the top-k it can score."""
         from distil_ray.rollout.vllm_engine import make_llm
 
         self.max_logprobs = max_logprobs
-        self.llm = make_llm(
-            model_path,
-            kv_cache_memory_bytes=kv_cache_memory_bytes,
-            dtype=dtype,
-            max_num_seqs=max_num_seqs,
-            max_model_len=max_model_len,
-            max_logprobs=max_logprobs,
-            seed=seed,
-            enforce_eager=enforce_eager,
-            **llm_kwargs,
-        )
+        self.llm = make_llm(model_path, max_logprobs=max_logprobs, **llm_kwargs)
         self.vocab_size = self.llm.llm_engine.model_config.get_vocab_size()
 
     def score(self, teacher_prompt_ids: list[list[int]], response_ids: list[list[int]], k: int) -> list[TeacherScores]:
