@@ -46,6 +46,7 @@ class TeacherContext:
     messages: list[dict[str, str]] | None  # None: no feedback and no demonstration → no signal
     used_solution: bool = False
     used_feedback: bool = False
+    demonstration: str | None = None  # the sibling's solution placed in the context, if one was
 
     @property
     def has_signal(self) -> bool:
@@ -91,7 +92,7 @@ def reprompt_group(
             solution=cfg.solution_template.format(successful_previous_attempt=solution) if solution is not None else "",
             feedback=cfg.feedback_template.format(feedback_raw=feedback) if use_feedback else "",
         )
-        contexts.append(TeacherContext(_with_last_user_turn(prompt_messages, text), solution is not None, use_feedback))
+        contexts.append(TeacherContext(_with_last_user_turn(prompt_messages, text), solution is not None, use_feedback, solution))
     return contexts
 
 

@@ -22,7 +22,6 @@ from distil_ray.feedback.templates import (
     TeacherContext,
     reference_solution_context,
     reprompt_group,
-    strip_thinking,
 )
 from distil_ray.records import Graded, Prompt, Scored
 from distil_ray.rollout.engine import as_tensor, configure_threads
@@ -99,28 +98,17 @@ class TeacherScorer:
 
     # ----------------------------------------------------------------------------------------
 
-    def _contexts(self, prompt: Prompt, graded: list[Graded]) -> tuple[list[TeacherContext], list[str | None]]:
-        """Teacher contexts and, per rollout, the sibling solution text placed in its context."""
+    def _contexts(self, prompt: Prompt, graded: list[Graded]) -> list[TeacherContext]:
         if self.context == "reference_solution":
             solution = (prompt.reference or {}).get("solution")
-            ctx = reference_solution_context(prompt.messages, solution)
-            return [ctx] * len(graded), [None] * len(graded)
-        cfg = self.reprompt
-        texts = [g.text for g in graded]
-        rewards = [float(g.reward) for g in graded]
-        contexts = reprompt_group(prompt.messages, texts, rewards, [g.feedback or None for g in graded], cfg)
-        # The donor rule of reprompt_group (the first successful sibling, never the sample itself
-        # unless configured otherwise), repeated here to name the demonstration on the record.
-        successes = [i for i, r in enumerate(rewards) if r >= cfg.success_threshold]
-        demos: list[str | None] = []
-        for i, ctx in enumerate(contexts):
-            donors = [j for j in successes if not (cfg.dont_reprompt_on_self_success and j == i)]
-            if ctx.used_solution and donors:
-                text = texts[donors[0]]
-                demos.append(strip_thinking(text) if cfg.strip_thinking else text)
-            else:
-                demos.append(None)
-        return contexts, demos
+            return [reference_solution_context(prompt.messages, solution)] * len(graded)
+        return reprompt_group(
+            prompt.messages,
+            [g.text for g in graded],
+            [float(g.reward) for g in graded],
+            [g.feedback or None for g in graded],
+            self.reprompt,
+        )
 
     def teacher_prompt_ids(self, ctx: TeacherContext) -> list[int]:
         ids = self.tokenizer.apply_chat_template(ctx.messages, add_generation_prompt=True, return_dict=False)
@@ -137,7 +125,7 @@ class TeacherScorer:
         for g in graded:
             if g.prompt_uid != prompt.uid:
                 raise ValueError(f"rollout of prompt {g.prompt_uid!r} passed in the group of prompt {prompt.uid!r}")
-        contexts, demos = self._contexts(prompt, graded)
+        contexts = self._contexts(prompt, graded)
         k = self.topk
         teacher_prompts, responses, which = [], [], []
         self._last_contexts = [None] * len(graded)
@@ -178,7 +166,8 @@ class TeacherScorer:
                 self._stats["no_signal"] += 1
             self._stats["used_solution"] += int(ctx.used_solution)
             self._stats["used_feedback"] += int(ctx.used_feedback)
-            record = dataclasses.replace(g, demonstration=demos[i]) if demos[i] is not None else g
+            # the sibling solution in the teacher's context (never the sample's own) is its demonstration
+            record = dataclasses.replace(g, demonstration=ctx.demonstration) if ctx.demonstration is not None else g
             out.append(
                 Scored.from_graded(
                     record,
