@@ -554,30 +554,26 @@ def _check_resume(c: _Checker) -> None:
         )
 
 
-def cpu_demand(cfg: "RunConfig", needs_teacher: bool = True) -> dict[str, float]:
-    """The CPUs each kind of actor asks Ray for (scheduling shares, not threads)."""
+def check_cpu_budget(cfg: "RunConfig", available: float, where: str) -> None:
+    """Fail unless the actors' CPU shares fit in ``available`` CPUs (``where`` names the limit).
+
+    Ray would otherwise queue the actors that do not fit and the run would wait forever. The shares
+    are scheduling tokens, not threads.
+    """
+    from distil_ray.algorithms import ALGORITHMS
+
     demand = {
         "rollout.num_cpus * rollout.num_workers": cfg.rollout.num_cpus * cfg.rollout.num_workers,
         "feedback.num_cpus * feedback.num_workers": cfg.feedback.num_cpus * cfg.feedback.num_workers,
         "learner.num_cpus * learner.world_size": cfg.learner.num_cpus * cfg.learner.world_size,
     }
-    if needs_teacher:
+    if ALGORITHMS[cfg.algorithm.name].needs_teacher:
         demand["teacher.num_cpus"] = cfg.teacher.num_cpus
-    return demand
-
-
-def _check_cpu_budget(cfg: "RunConfig") -> None:
-    # Ray would otherwise queue the actors that do not fit and the run would wait forever
-    if cfg.ray.num_cpus is None or cfg.ray.address is not None:
-        return
-    from distil_ray.algorithms import ALGORITHMS
-
-    demand = cpu_demand(cfg, ALGORITHMS[cfg.algorithm.name].needs_teacher)
-    if sum(demand.values()) > cfg.ray.num_cpus + 1e-9:
+    total = sum(demand.values())
+    if total > available + 1e-9:
         parts = ", ".join(f"{k} = {v:g}" for k, v in demand.items())
         raise ConfigError(
-            f"ray.num_cpus={cfg.ray.num_cpus}: the actors ask for {sum(demand.values()):g} CPUs ({parts}); "
-            "lower those shares or raise ray.num_cpus"
+            f"{where}: the actors ask for {total:g} CPUs ({parts}); lower those shares or add CPUs"
         )
 
 
@@ -652,7 +648,8 @@ def validate(cfg) -> RunConfig:
         c.at_least("task.max_prompt_tokens", 1)
     if cfg.teacher.max_context_tokens is not None:
         c.at_least("teacher.max_context_tokens", 2)
-    _check_cpu_budget(cfg)
+    if cfg.ray.num_cpus is not None and cfg.ray.address is None:
+        check_cpu_budget(cfg, cfg.ray.num_cpus, f"ray.num_cpus={cfg.ray.num_cpus}")
 
     c.at_least("trainer.total_steps", 1)
     c.at_least("trainer.prompts_per_step", 1)

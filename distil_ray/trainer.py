@@ -199,16 +199,10 @@ class Trainer:
         )
 
     def _check_cluster_cpus(self) -> None:
-        """Actors that do not fit are queued by Ray forever: fail now, naming the shares instead."""
-        from distil_ray.config import ConfigError, cpu_demand
+        from distil_ray.config import check_cpu_budget
 
-        demand = cpu_demand(self.cfg, self.algorithm.needs_teacher)
         available = ray.cluster_resources().get("CPU", 0.0)
-        if sum(demand.values()) > available + 1e-9:
-            parts = ", ".join(f"{k} = {v:g}" for k, v in demand.items())
-            raise ConfigError(
-                f"the cluster has {available:g} CPUs but the actors ask for {sum(demand.values()):g} ({parts})"
-            )
+        check_cpu_budget(self.cfg, available, f"the cluster has {available:g} CPUs")
 
     def _link_actor_logs(self) -> None:
         """Every actor's stdout/stderr lives in Ray's session log dir; link it from the run dir."""

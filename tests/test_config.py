@@ -296,3 +296,12 @@ def test_warm_start_schema_mirrors_the_warm_start_config():
     real = {f.name: f.default for f in dataclasses.fields(WarmStartConfig)}
     assert schema.keys() == real.keys()
     assert {k: v for k, v in schema.items() if k != "enabled"} == {k: v for k, v in real.items() if k != "enabled"}
+
+
+def test_actor_cpu_shares_must_fit_the_local_cluster():
+    from distil_ray.config import ConfigError, compose_config
+
+    with pytest.raises(ConfigError, match=r"ray.num_cpus=2: the actors ask for 2.75 CPUs \(.*learner.num_cpus \* learner.world_size = 2"):
+        compose_config(["+experiment=tiny", "learner.num_cpus=1"])
+    # grpo starts no teacher, so its share does not count
+    compose_config(["+experiment=tiny", "algorithm=grpo", "learner.num_cpus=0.75"])
