@@ -123,6 +123,7 @@ class Trainer:
         self._t_start = time.perf_counter()
         clock = StageClock()
         clock.timed("ray_start", self.start_ray)
+        self.task = get_task(self.cfg.task.name, **_plain(self.cfg.task.kwargs))
         model_dir = clock.timed("model", self.prepare_model)  # incl. a warm start that is not cached yet
         clock.timed("data", self.load_prompts, model_dir)
         clock.timed("actors", self.start_actors, model_dir)
@@ -222,7 +223,7 @@ class Trainer:
             return str(cfg.model.path)
         from distil_ray.models.tiny import TinyModelConfig, tiny_model_dir
 
-        task = get_task(cfg.task.name, **_plain(cfg.task.kwargs))
+        task = self.task
         # a task may offer lines of its own text for the tiny tokenizer: its prompts and feedback
         # then tokenise into a few tokens per word, as a real LLM's vocabulary would
         corpus = tuple(task.tokenizer_corpus()) if hasattr(task, "tokenizer_corpus") else ()
@@ -240,7 +241,7 @@ class Trainer:
 
         cfg = self.cfg
         tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or model_dir, local_files_only=cfg.model.path is None)
-        task = get_task(cfg.task.name, **_plain(cfg.task.kwargs))
+        task = self.task
         train, val = task.load(cfg.task.train_split), task.load(cfg.task.val_split)
         if cfg.eval.max_prompts is not None:
             val = val[: cfg.eval.max_prompts]
