@@ -56,7 +56,7 @@ CPU_SCALE = [
 
 def _needs(path: Path) -> None:
     if not path.exists():
-        pytest.skip(f"data not found: {path}")
+        pytest.skip(f"data not found: {path} (the shared data folder beside the repository)")
 
 
 def _run(experiment: str, overrides: list[str], run_dir: Path):
