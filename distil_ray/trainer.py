@@ -140,8 +140,7 @@ class Trainer:
         # generation runs up to `max_staleness` rounds ahead of the learner (0: strictly on-policy)
         while len(self._rounds) < 1 + cfg.replay.max_staleness and self._rounds_started < cfg.trainer.total_steps:
             self._rounds.append(self.start_round(self.stream.next_batch()))
-        round_metrics = self._rounds.pop(0).result()
-        for stage, seconds in round_metrics.pop("stage_seconds").items():
+        for stage, seconds in self._rounds.pop(0).result().items():
             clock.add(stage, seconds)
 
         refs = clock.timed("queue", self.take_batch)
@@ -150,7 +149,7 @@ class Trainer:
         self.step += 1
         clock.timed("sync", self.sync_weights)
 
-        metrics = {**round_metrics, **train_metrics, **ray.get(self.replay.stats.remote())}
+        metrics = {**train_metrics, **ray.get(self.replay.stats.remote())}
         metrics["policy_version"] = float(self.version)
         metrics["replay/version_lag"] = float(self._last_lag)
         metrics.update({f"time/{stage}_s": s for stage, s in clock.seconds.items()})
@@ -360,13 +359,14 @@ class Trainer:
             uid = ray.get(header_ref)
             yield uid, next(stream)
 
-    def produce(self, prompts: list[Prompt], seed: int) -> dict[str, Any]:
-        """Generate, grade and score one round; the finished groups go into the replay queue."""
+    def produce(self, prompts: list[Prompt], seed: int) -> dict[str, float]:
+        """Generate, grade and score one round; the finished groups go into the replay queue.
+        Returns the seconds each stage took."""
         t0 = time.perf_counter()
         version = self.version  # the weights this round samples with (the last sync finished before it)
         sampling = self.sampling(seed=seed)
         groups: dict[str, list[ray.ObjectRef]] = defaultdict(list)
-        scored: list[tuple[list[ray.ObjectRef], int]] = []
+        scored: list[ray.ObjectRef] = []  # one ref per complete group (a list of records)
         graded_all: list[ray.ObjectRef] = []
         for uid, rollout_ref in self.stream_rollouts(prompts, sampling, version):
             graded_ref = self.feedback.grade_ref(self.example_refs[uid], rollout_ref)
@@ -374,30 +374,27 @@ class Trainer:
             groups[uid].append(graded_ref)
             if len(groups[uid]) == sampling.n:  # the group is complete: on to the teacher
                 if self.teacher is not None:
-                    scored.append(([self.teacher.score_group.remote(self.prompt_refs[uid], *groups[uid])], sampling.n))
+                    scored.append(self.teacher.score_group.remote(self.prompt_refs[uid], *groups[uid]))
                 else:  # no teacher (grpo, sft): the group's graded records, gathered under one ref
-                    scored.append(([_gather_group.remote(*groups[uid])], sampling.n))
+                    scored.append(_gather_group.remote(*groups[uid]))
         t_rollout = time.perf_counter()
         ray.wait(graded_all, num_returns=len(graded_all), fetch_local=False)
         t_feedback = time.perf_counter()
-        flat = [ref for refs, _ in scored for ref in refs]
-        ray.wait(flat, num_returns=len(flat), fetch_local=False)
+        ray.wait(scored, num_returns=len(scored), fetch_local=False)
         t_teacher = time.perf_counter()
-        ray.get([self.replay.put.remote(refs, n, version) for refs, n in scored])
+        ray.get([self.replay.put.remote([ref], sampling.n, version) for ref in scored])
         return {
-            "stage_seconds": {
-                "rollout": t_rollout - t0,
-                "feedback": t_feedback - t_rollout,
-                # without a teacher this is the gathering of each group under one ref
-                ("teacher" if self.teacher is not None else "group"): t_teacher - t_feedback,
-            },
+            "rollout": t_rollout - t0,
+            "feedback": t_feedback - t_rollout,
+            # without a teacher this is the gathering of each group under one ref
+            ("teacher" if self.teacher is not None else "group"): t_teacher - t_feedback,
         }
 
     def take_batch(self) -> list[ray.ObjectRef]:
         refs, versions = ray.get(self.replay.get.remote(self.cfg.trainer.prompts_per_step, self.version))
         if not refs:
             raise RuntimeError("the replay queue served no data: every group was too stale")
-        # how many updates behind the learner the batch was sampled (0 when on-policy)
+        # how many policy versions behind the learner the batch was sampled (0 when on-policy)
         self._last_lag = sum(self.version - v for v in versions) / len(versions)
         return refs
 
