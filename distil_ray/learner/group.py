@@ -114,21 +114,21 @@ class LearnerGroup:
         return ray.get([getattr(a, method).remote(*args) for a in self.actors])
 
     def train_step(self, records: Sequence[Scored] | Sequence[ray.ObjectRef], *,
-                   sizes: Sequence[int] | None = None, group_keys: Sequence[str] | None = None) -> dict:
+                   sizes: Sequence[int] | None = None) -> dict:
         """One optimizer step on ``records``; returns the metrics (global, identical on every rank).
 
         Records are split so that a prompt's records share a rank, balanced by tokens. ObjectRefs
-        are not fetched here: each ref is kept whole on one rank (so a ref holding a whole group
-        keeps it together); ``group_keys``/``sizes`` (one per ref: prompt uid, token count) let
-        refs of single records be grouped and balanced too.
+        are not fetched here: each ref is kept whole on one rank, so a ref must hold a whole prompt
+        group (a list of records); ``sizes`` (token count per ref) balance the ranks, else each ref
+        counts as one.
         """
         records = list(records)
         if records and all(isinstance(r, Scored) for r in records):
             shards = split_groups(records, self.world_size)
         else:
-            keys = list(group_keys) if group_keys is not None else [str(i) for i in range(len(records))]
             if sizes is None:
                 sizes = [sequence_length(r) if isinstance(r, Scored) else 1 for r in records]
+            keys = [str(i) for i in range(len(records))]
             shards = [[records[i] for i in idx] for idx in balanced_split(keys, list(sizes), self.world_size)]
         # A list argument is not resolved by Ray: the refs reach the rank as refs.
         return ray.get([a.train_step.remote(shard) for a, shard in zip(self.actors, shards)])[0]
