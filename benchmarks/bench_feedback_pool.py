@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import ray
 
+from distil_ray.config import FeedbackConfig, TaskConfig
 from distil_ray.feedback.pool import FeedbackPool, Grader
 from distil_ray.records import Rollout
 from distil_ray.tasks.livecodebench import example_from_record
@@ -43,14 +44,15 @@ def main():
         for i in range(args.gradings)
     ]
 
-    grader = Grader("livecodebench")
+    grader = Grader(TaskConfig("livecodebench"))
     grader.grade(example, rollouts[0])  # warm-up
     t0 = time.perf_counter()
     serial = [grader.grade(example, r) for r in rollouts]
     serial_s = time.perf_counter() - t0
 
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
-    pool = FeedbackPool("livecodebench", num_workers=args.workers, num_cpus=1.0, name="bench-feedback")
+    pool = FeedbackPool(TaskConfig("livecodebench"), FeedbackConfig(num_workers=args.workers, num_cpus=1.0),
+                        name="bench-feedback")
     example_ref = ray.put(example)
     pool.grade_all([(example_ref, r) for r in rollouts[: args.workers]])  # warm-up: every actor once
     t0 = time.perf_counter()

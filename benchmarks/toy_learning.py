@@ -41,7 +41,7 @@ from distil_ray.models.warm_start import (
     warm_start_dir,
 )
 from distil_ray.tasks.toy import TOY_MODEL_SHAPE, ToyTask, toy_model_config
-from distil_ray.teacher.hf import score_topk
+from distil_ray.engines.hf import score_topk
 
 
 def pad_left(seqs, pad_id):
@@ -250,6 +250,7 @@ def main(argv=None):
         intermediate_size=args.intermediate,
     )
     ws_cfg = WarmStartConfig(
+        enabled=True,
         steps=args.ws_steps,
         batch_size=args.ws_batch,
         lr=args.ws_lr,

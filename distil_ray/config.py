@@ -3,9 +3,14 @@
 ``conf/`` holds the Hydra tree (``config.yaml`` + the ``algorithm``, ``task``, ``model`` and
 ``experiment`` groups); the dataclasses below are its schema, registered in Hydra's ConfigStore as
 ``run_config_schema`` so that composition itself rejects an unknown key or a value of the wrong
-type. :func:`validate` then checks what a type cannot express (choices, ranges, the keyword
-arguments of the selected loss and task) so that a wrong key or value fails before any actor
-starts, with a :class:`ConfigError` naming the key and the allowed values.
+type.
+
+**Sections are the interface.** Each actor, and the plain class inside it, takes its own section
+(``cfg.learner``, ``cfg.rollout``, ``cfg.teacher``, ...) plus the few runtime values it needs. Each
+section checks its own fields in ``check()`` (its allowed values in one ``CHOICES`` table), so an
+actor built outside a run (a test, a script) fails the same way; :func:`validate` runs every
+section's check, then the checks that span sections. A wrong key or value fails before any actor
+starts, with a :class:`ConfigError` naming the dotted key and the allowed values.
 
 ``compose_config(["+experiment=tiny", "rollout.n_samples=2"])`` gives a validated
 :class:`RunConfig` without going through ``main`` (tests, notebooks, scripts).
@@ -20,245 +25,18 @@ import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, ClassVar, Dict, List, Optional, Sequence
 
 from distil_ray.feedback.templates import RepromptConfig
+from distil_ray.models.config import TinyModelConfig, WarmStartConfig
 
 SCHEMA_NAME = "run_config_schema"
-
-# --------------------------------------------------------------------------- schema
-
-
-@dataclass
-class RayConfig:
-    address: Optional[str] = None  # None: start a local cluster; "auto" or "ray://host:port" to join one
-    num_cpus: Optional[int] = None  # local cluster only; None lets Ray count the cores
-    include_dashboard: bool = False
-    namespace: str = "distil_ray"
-
-
-@dataclass
-class TinyConfig:
-    """Shape of the locally built tiny model (``distil_ray.models.tiny.TinyModelConfig``)."""
-
-    vocab_size: int = 512
-    hidden_size: int = 64
-    num_layers: int = 2
-    num_heads: int = 2
-    num_kv_heads: int = 1
-    head_dim: int = 32
-    intermediate_size: int = 128
-    seed: int = 0
-
-
-@dataclass
-class ModelConfig:
-    path: Optional[str] = None  # HF directory or hub id; None builds the tiny model locally
-    tiny: TinyConfig = field(default_factory=TinyConfig)
-    dtype: str = "float32"  # float32 | bfloat16
-    tokenizer: Optional[str] = None  # None: the model's own
-
-
-@dataclass
-class WarmStartConfig:
-    """Supervised pre-training of the tiny model on the task's references, so RL starts from a
-    policy that sometimes succeeds (a random tiny model never does)."""
-
-    # the fields and defaults of distil_ray.models.warm_start.WarmStartConfig (a test keeps them
-    # equal; that module imports torch, which the config must not), except that it is off by default
-    enabled: bool = False
-    steps: int = 1000
-    batch_size: int = 16
-    lr: float = 5e-3
-    seed: int = 0
-    # share of the examples whose user turn is a teacher context (a sibling's solution or feedback):
-    # this is where the tiny model learns to read feedback, as a pretrained LLM can
-    context_fraction: float = 0.6
-
-
-@dataclass
-class TaskConfig:
-    name: str = "toy"
-    kwargs: Dict[str, Any] = field(default_factory=dict)  # keyword arguments of the task's constructor
-    train_split: str = "train"
-    val_split: str = "test"
-    # prompts longer than this many tokens (chat template included) are left out, and counted
-    max_prompt_tokens: Optional[int] = None
-
-
-@dataclass
-class AlgorithmConfig:
-    name: str = "distil"
-    loss: Dict[str, Any] = field(default_factory=dict)  # keyword arguments of the loss function
-    advantages: Dict[str, Any] = field(default_factory=dict)  # of group_relative_advantages
-
-
-@dataclass
-class RolloutConfig:
-    engine: str = "vllm"  # vllm | hf
-    num_workers: int = 1
-    num_cpus: float = 0.25
-    num_gpus: float = 0.0  # per worker; 1 on a GPU node
-    n_samples: int = 4  # rollouts per prompt (a group)
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 32
-    stop: List[str] = field(default_factory=list)
-    kv_cache_memory_bytes: int = 64 * 2**20
-    max_num_seqs: int = 64
-
-
-@dataclass
-class FeedbackConfig:
-    num_workers: int = 1
-    num_cpus: float = 0.25
-
-
-def _reprompt_default(name: str):
-    # Defaults are read from RepromptConfig itself so that the two can never drift apart.
-    return getattr(RepromptConfig, name)
-
-
-@dataclass
-class RepromptSchema:
-    """Mirror of ``distil_ray.feedback.templates.RepromptConfig`` (fields and defaults)."""
-
-    reprompt_template: str = _reprompt_default("reprompt_template")
-    solution_template: str = _reprompt_default("solution_template")
-    feedback_template: str = _reprompt_default("feedback_template")
-    include_environment_feedback: bool = _reprompt_default("include_environment_feedback")
-    feedback_only_without_solution: bool = _reprompt_default("feedback_only_without_solution")
-    dont_reprompt_on_self_success: bool = _reprompt_default("dont_reprompt_on_self_success")
-    strip_thinking: bool = _reprompt_default("strip_thinking")
-    success_threshold: float = _reprompt_default("success_threshold")
-
-    def to_reprompt_config(self) -> RepromptConfig:
-        return RepromptConfig(**dataclasses.asdict(self))
-
-
-@dataclass
-class TeacherConfig:
-    backend: str = "vllm"  # vllm | hf
-    context: str = "reprompt"  # reprompt (feedback / successful sibling) | reference_solution (OPSD)
-    topk: int = 20
-    num_cpus: float = 0.25
-    kv_cache_memory_bytes: int = 64 * 2**20
-    num_gpus: float = 0.0
-    # teacher context + response beyond this many tokens is not scored (no signal, counted);
-    # None: the model's max_position_embeddings
-    max_context_tokens: Optional[int] = None
-    # the teacher's weights: current (synced each step) | ema (moving average, SDPO) | fixed (OPSD)
-    update: str = "current"
-    ema_rate: float = 0.05  # with update=ema: θ_T ← (1 − rate)·θ_T + rate·θ after each step
-    reprompt: RepromptSchema = field(default_factory=RepromptSchema)
-
-
-@dataclass
-class ReplayConfig:
-    capacity: int = 4096  # samples held at most
-    max_staleness: int = 0  # 0: strictly on-policy
-
-
-@dataclass
-class LearnerConfig:
-    world_size: int = 2
-    num_cpus: float = 0.5
-    num_gpus: float = 0.0  # per rank; 1 for NCCL training
-    backend: str = "gloo"  # gloo | nccl
-    dtype: str = "float32"  # float32 | bfloat16
-    lr: float = 1e-5
-    weight_decay: float = 0.0
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
-    warmup_steps: int = 0
-    grad_clip: float = 1.0
-    micro_batch_size: int = 8
-    logprob_chunk_size: int = 256
-    # optimizer steps per generation batch, each on its own share of the prompt groups (SDPO's
-    # LiveCodeBench runs take 32); the later ones are slightly off-policy and IS-corrected
-    updates_per_batch: int = 1
-
-
-@dataclass
-class TrainerConfig:
-    total_steps: int = 40
-    prompts_per_step: int = 8
-    eval_every: int = 10  # 0: never during training
-    eval_at_start: bool = True
-    checkpoint_every: int = 0  # 0: only at the end
-    resume: str = "never"  # never | auto | <checkpoint directory>
-    save_hf_at_end: bool = False
-
-
-@dataclass
-class EvalConfig:
-    n_samples: int = 1
-    temperature: float = 0.0
-    top_p: float = 1.0
-    max_prompts: Optional[int] = None  # None: the whole validation split
-    max_new_tokens: Optional[int] = None  # None: rollout.max_new_tokens
-    keep_best: bool = True  # track the best val/accuracy and its step (logged as val/best_*)
-    save_best: bool = False  # also save the best policy as a HF model in RUN_DIR/best_model
-
-
-@dataclass
-class LoggingConfig:
-    wandb: bool = False
-    wandb_project: str = "distil_ray"
-    wandb_mode: str = "offline"  # offline | online | disabled
-    console_every: int = 1
-
-
-@dataclass
-class RunConfig:
-    seed: int = 0
-    ray: RayConfig = field(default_factory=RayConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
-    task: TaskConfig = field(default_factory=TaskConfig)
-    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
-    rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
-    teacher: TeacherConfig = field(default_factory=TeacherConfig)
-    replay: ReplayConfig = field(default_factory=ReplayConfig)
-    learner: LearnerConfig = field(default_factory=LearnerConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
-
-
-# Choice fields: dotted key -> allowed values.
-CHOICES: Dict[str, tuple] = {
-    "model.dtype": ("float32", "bfloat16"),
-    "rollout.engine": ("vllm", "hf"),
-    "teacher.backend": ("vllm", "hf"),
-    "teacher.context": ("reprompt", "reference_solution"),
-    "teacher.update": ("current", "ema", "fixed"),
-    "learner.backend": ("gloo", "nccl"),
-    "learner.dtype": ("float32", "bfloat16"),
-    "logging.wandb_mode": ("offline", "online", "disabled"),
-}
-RESUME_MODES = ("never", "auto")
-
-# Loss arguments the learner supplies per batch; a config that set them would be overwritten.
-LOSS_RUNTIME_ARGS = frozenset({"group_ids", "behaviour_logprobs", "old_logprobs", "entropy", "denominator"})
-
-
-def register_configs() -> None:
-    """Register the schema with Hydra's ConfigStore (``conf/config.yaml`` lists it first)."""
-    from hydra.core.config_store import ConfigStore
-
-    ConfigStore.instance().store(name=SCHEMA_NAME, node=RunConfig)
-
 
 # --------------------------------------------------------------------------- errors
 
 
 class ConfigError(ValueError):
     """A configuration key or value that cannot run; the message names the dotted key."""
-
-
-def _fmt_allowed(values: Sequence) -> str:
-    return ", ".join(repr(v) for v in values)
 
 
 def _schema_keys(path: Sequence[str]) -> Optional[List[str]]:
@@ -345,57 +123,469 @@ def config_error_from_exception(exc: BaseException) -> Optional[ConfigError]:
     return None
 
 
-# --------------------------------------------------------------------------- validation
+# --------------------------------------------------------------------------- field checks
 
 
-class _Checker:
-    def __init__(self, cfg: RunConfig):
-        self.cfg = cfg
-
-    def get(self, key: str):
-        node: Any = self.cfg
-        for part in key.split("."):
-            node = getattr(node, part)
-        return node
-
-    def choice(self, key: str, allowed: Sequence) -> None:
-        value = self.get(key)
-        if value not in allowed:
-            raise ConfigError(f"{key}={value!r}: allowed values are {_fmt_allowed(allowed)}")
-
-    def at_least(self, key: str, low, *, optional: bool = False) -> None:
-        value = self.get(key)
-        if value is None and optional:
-            return
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= low:
-            raise ConfigError(f"{key}={value!r}: must be >= {low}" + (" (or null)" if optional else ""))
-
-    def positive(self, key: str, *, optional: bool = False) -> None:
-        value = self.get(key)
-        if value is None and optional:
-            return
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
-            raise ConfigError(f"{key}={value!r}: must be > 0" + (" (or null)" if optional else ""))
-
-    def probability(self, key: str) -> None:
-        value = self.get(key)
-        if not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
-            raise ConfigError(f"{key}={value!r}: must lie in (0, 1]")
+def _fmt_allowed(values: Sequence) -> str:
+    return ", ".join(repr(v) for v in values)
 
 
-def _loss_parameters(loss_fn) -> Dict[str, inspect.Parameter]:
-    """Keyword parameters a config may set for ``loss_fn``; a ``**kwargs`` wrapper (``ce_loss``)
-    forwards to ``distil_loss``, whose parameters it then accepts."""
-    from distil_ray.algorithms import losses
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
-    params = inspect.signature(loss_fn).parameters
-    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        params = inspect.signature(losses.distil_loss).parameters
-    return {
-        name: p
-        for name, p in params.items()
-        if p.kind is p.KEYWORD_ONLY and name not in LOSS_RUNTIME_ARGS
+
+def check_choice(key: str, value, allowed: Sequence) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r}: allowed values are {_fmt_allowed(allowed)}")
+
+
+def check_at_least(key: str, value, low, *, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if not _is_number(value) or not value >= low:
+        raise ConfigError(f"{key}={value!r}: must be >= {low}" + (" (or null)" if optional else ""))
+
+
+def check_positive(key: str, value, *, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if not _is_number(value) or not value > 0:
+        raise ConfigError(f"{key}={value!r}: must be > 0" + (" (or null)" if optional else ""))
+
+
+def check_probability(key: str, value) -> None:
+    if not _is_number(value) or not 0.0 < value <= 1.0:
+        raise ConfigError(f"{key}={value!r}: must lie in (0, 1]")
+
+
+def check_finite(key: str, value) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key}={value!r}: must be finite")
+
+
+class Section:
+    """A config section that checks its own fields. ``KEY`` is its dotted place in the run config
+    (what error messages name); ``CHOICES`` maps a field to its allowed values."""
+
+    KEY: ClassVar[str] = ""
+    CHOICES: ClassVar[Dict[str, tuple]] = {}
+
+    def check(self) -> None:
+        for name, allowed in self.CHOICES.items():
+            check_choice(self.key(name), getattr(self, name), allowed)
+
+    def key(self, name: str) -> str:
+        return f"{self.KEY}.{name}"
+
+    def at_least(self, name: str, low, *, optional: bool = False) -> None:
+        check_at_least(self.key(name), getattr(self, name), low, optional=optional)
+
+    def positive(self, name: str, *, optional: bool = False) -> None:
+        check_positive(self.key(name), getattr(self, name), optional=optional)
+
+    def probability(self, name: str) -> None:
+        check_probability(self.key(name), getattr(self, name))
+
+
+# --------------------------------------------------------------------------- schema
+
+
+@dataclass
+class RayConfig(Section):
+    KEY: ClassVar[str] = "ray"
+
+    address: Optional[str] = None  # None: start a local cluster; "auto" or "ray://host:port" to join one
+    num_cpus: Optional[int] = None  # local cluster only; None lets Ray count the cores
+    include_dashboard: bool = False
+    namespace: str = "distil_ray"
+
+    def check(self) -> None:
+        self.positive("num_cpus", optional=True)
+        if not self.namespace:
+            raise ConfigError("ray.namespace='': must be a non-empty name")
+
+
+@dataclass
+class ModelConfig(Section):
+    KEY: ClassVar[str] = "model"
+    CHOICES: ClassVar[Dict[str, tuple]] = {"dtype": ("float32", "bfloat16")}
+
+    path: Optional[str] = None  # HF directory or hub id; None builds the tiny model locally
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    dtype: str = "float32"  # float32 | bfloat16
+    tokenizer: Optional[str] = None  # None: the model's own
+
+    def check(self) -> None:
+        super().check()
+        if self.path is None:
+            try:  # what vLLM and the tokenizer need (head_dim, vocab size, GQA ratio)
+                self.tiny.check()
+            except ValueError as e:
+                raise ConfigError(f"model.tiny.{_one_line(e)}") from None
+
+
+@dataclass
+class TaskConfig(Section):
+    KEY: ClassVar[str] = "task"
+
+    name: str = "toy"
+    # the task's own typed section (its class's ``config_class``), given as a mapping
+    kwargs: Dict[str, Any] = field(default_factory=dict)
+    train_split: str = "train"
+    val_split: str = "test"
+    # prompts longer than this many tokens (chat template included) are left out, and counted
+    max_prompt_tokens: Optional[int] = None
+
+    def check(self) -> None:
+        from distil_ray.tasks import TASKS, task_class
+
+        check_choice("task.name", self.name, sorted(TASKS))
+        # The class is resolved (imported), never built: building a task may load data.
+        section = task_class(self.name).config_class
+        allowed = [f.name for f in dataclasses.fields(section)]
+        for key in self.kwargs:
+            if key not in allowed:
+                raise ConfigError(
+                    f"task.kwargs.{key}: unknown key for task {self.name!r}; allowed keys are {', '.join(allowed)}"
+                )
+        try:
+            section(**dict(self.kwargs))
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"task.kwargs.{_one_line(e)}") from None
+        for name in ("train_split", "val_split"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ConfigError(f"task.{name}={getattr(self, name)!r}: must be a non-empty split name")
+        self.at_least("max_prompt_tokens", 1, optional=True)
+
+    def build(self):
+        """The task this section describes."""
+        from distil_ray.tasks import get_task
+
+        return get_task(self.name, **dict(self.kwargs))
+
+
+@dataclass
+class AlgorithmConfig(Section):
+    KEY: ClassVar[str] = "algorithm"
+
+    name: str = "distil"
+    # the loss function's hyper-parameters: its typed section (distil_ray.algorithms.Algorithm.loss_config)
+    loss: Dict[str, Any] = field(default_factory=dict)
+    advantages: Dict[str, Any] = field(default_factory=dict)  # of group_relative_advantages
+
+    def check(self) -> None:
+        from distil_ray.algorithms import ALGORITHMS
+
+        check_choice("algorithm.name", self.name, tuple(ALGORITHMS))
+        _check_loss(self)
+        _check_advantages(self)
+
+    @property
+    def spec(self):
+        """The registry entry: loss function and what it needs fed."""
+        from distil_ray.algorithms import get_algorithm
+
+        return get_algorithm(self.name)
+
+    def loss_kwargs(self) -> Dict[str, Any]:
+        """Every hyper-parameter of the loss, defaults filled in from its typed section."""
+        return dataclasses.asdict(self.spec.loss_config(**dict(self.loss)))
+
+
+@dataclass
+class SamplingSection(Section):
+    """What a request samples: the fields rollout and evaluation share."""
+
+    n_samples: int = 4  # samples per prompt (a group)
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+
+    def check(self) -> None:
+        super().check()
+        self.at_least("n_samples", 1)
+        self.at_least("temperature", 0.0)
+        check_finite(self.key("temperature"), self.temperature)
+        self.probability("top_p")
+
+    def sampling(self, *, max_new_tokens: int, stop: Sequence[str] = (), seed: int | None = None):
+        """The engines' per-call sampling parameters (``distil_ray.engines.SamplingConfig``)."""
+        from distil_ray.engines.base import SamplingConfig
+
+        return SamplingConfig(n=self.n_samples, temperature=self.temperature, top_p=self.top_p,
+                              max_new_tokens=max_new_tokens, stop=tuple(stop), seed=seed)
+
+
+@dataclass
+class RolloutConfig(SamplingSection):
+    KEY: ClassVar[str] = "rollout"
+    CHOICES: ClassVar[Dict[str, tuple]] = {"engine": ("vllm", "hf")}
+
+    engine: str = "vllm"  # vllm | hf
+    num_workers: int = 1
+    num_cpus: float = 0.25
+    num_gpus: float = 0.0  # per worker; 1 on a GPU node
+    max_new_tokens: int = 32
+    stop: List[str] = field(default_factory=list)
+    kv_cache_memory_bytes: int = 64 * 2**20
+    max_num_seqs: int = 64
+
+    def check(self) -> None:
+        self.at_least("num_workers", 1)
+        self.positive("num_cpus")
+        self.at_least("num_gpus", 0.0)
+        super().check()
+        self.at_least("max_new_tokens", 1)
+        self.positive("kv_cache_memory_bytes")
+        self.at_least("max_num_seqs", 1)
+
+
+@dataclass
+class FeedbackConfig(Section):
+    KEY: ClassVar[str] = "feedback"
+
+    num_workers: int = 1
+    num_cpus: float = 0.25
+
+    def check(self) -> None:
+        self.at_least("num_workers", 1)
+        self.positive("num_cpus")
+
+
+@dataclass
+class TeacherConfig(Section):
+    KEY: ClassVar[str] = "teacher"
+    CHOICES: ClassVar[Dict[str, tuple]] = {
+        "backend": ("vllm", "hf"),
+        # reprompt (feedback / successful sibling) | reference_solution (OPSD)
+        "context": ("reprompt", "reference_solution"),
+        # the teacher's weights: current (the policy, synced each step) | ema (a moving average of
+        # the policy, SDPO's teacher_update_rate) | fixed (the initial policy, OPSD's --fixed_teacher)
+        "update": ("current", "ema", "fixed"),
     }
+
+    backend: str = "vllm"  # vllm | hf
+    context: str = "reprompt"
+    topk: int = 20
+    num_cpus: float = 0.25
+    kv_cache_memory_bytes: int = 64 * 2**20
+    num_gpus: float = 0.0
+    # teacher context + response beyond this many tokens is not scored (no signal, counted);
+    # None: the model's max_position_embeddings
+    max_context_tokens: Optional[int] = None
+    update: str = "current"
+    ema_rate: float = 0.05  # with update=ema: θ_T ← (1 − rate)·θ_T + rate·θ after each step
+    reprompt: RepromptConfig = field(default_factory=RepromptConfig)
+
+    def check(self) -> None:
+        super().check()
+        self.at_least("topk", 1)
+        self.positive("num_cpus")
+        self.at_least("num_gpus", 0.0)
+        self.positive("kv_cache_memory_bytes")
+        self.probability("ema_rate")
+        self.at_least("max_context_tokens", 2, optional=True)
+        try:
+            self.reprompt.check()
+        except ValueError as e:
+            raise ConfigError(f"teacher.reprompt.{_one_line(e)}") from None
+
+
+@dataclass
+class ReplayConfig(Section):
+    KEY: ClassVar[str] = "replay"
+
+    capacity: int = 4096  # samples held at most
+    max_staleness: int = 0  # 0: strictly on-policy
+
+    def check(self) -> None:
+        self.at_least("max_staleness", 0)
+        self.at_least("capacity", 1)
+
+
+@dataclass
+class LearnerConfig(Section):
+    KEY: ClassVar[str] = "learner"
+    # float16 is left out on purpose: it would need loss scaling, which bfloat16 does not.
+    CHOICES: ClassVar[Dict[str, tuple]] = {"backend": ("gloo", "nccl"), "dtype": ("float32", "bfloat16")}
+
+    world_size: int = 2
+    num_cpus: float = 0.5
+    num_gpus: float = 0.0  # per rank; 1 for NCCL training
+    backend: str = "gloo"  # gloo | nccl
+    dtype: str = "float32"  # float32 | bfloat16: the compute dtype (master weights stay float32)
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    adam_eps: float = 1e-8
+    warmup_steps: int = 0
+    grad_clip: float = 1.0
+    micro_batch_size: int = 8
+    logprob_chunk_size: int = 256
+    # optimizer steps per generation batch, each on its own share of the prompt groups (SDPO's
+    # LiveCodeBench runs take 32); the later ones are slightly off-policy and IS-corrected
+    updates_per_batch: int = 1
+    # a collective that waits longer than this fails the step instead of hanging the run
+    collective_timeout_s: float = 1800.0
+
+    def check(self) -> None:
+        super().check()
+        self.at_least("world_size", 1)
+        self.positive("num_cpus")
+        self.at_least("num_gpus", 0.0)
+        self.positive("lr")
+        check_finite("learner.lr", self.lr)
+        self.at_least("weight_decay", 0.0)
+        betas = list(self.betas)
+        if len(betas) != 2 or not all(_is_number(b) and 0.0 <= b < 1.0 for b in betas):
+            raise ConfigError(f"learner.betas={betas!r}: must be two numbers in [0, 1)")
+        self.positive("adam_eps")
+        self.at_least("warmup_steps", 0)
+        self.positive("grad_clip")
+        self.at_least("micro_batch_size", 1)
+        self.at_least("updates_per_batch", 1)
+        self.at_least("logprob_chunk_size", 1)
+        self.positive("collective_timeout_s")
+        if self.backend == "nccl" and self.num_gpus < 1:
+            raise ConfigError("learner.backend='nccl' needs learner.num_gpus >= 1 (one GPU per rank)")
+
+
+@dataclass
+class TrainerConfig(Section):
+    KEY: ClassVar[str] = "trainer"
+    RESUME_MODES: ClassVar[tuple] = ("never", "auto")
+
+    total_steps: int = 40
+    prompts_per_step: int = 8
+    eval_every: int = 10  # 0: never during training
+    eval_at_start: bool = True
+    checkpoint_every: int = 0  # 0: only at the end
+    resume: str = "never"  # never | auto | <checkpoint directory>
+    save_hf_at_end: bool = False
+
+    def check(self) -> None:
+        self.at_least("total_steps", 1)
+        self.at_least("prompts_per_step", 1)
+        self.at_least("eval_every", 0)
+        self.at_least("checkpoint_every", 0)
+        resume = self.resume
+        if resume in self.RESUME_MODES:
+            return
+        if not isinstance(resume, str) or not resume or not Path(resume).expanduser().is_dir():
+            raise ConfigError(
+                f"trainer.resume={resume!r}: allowed values are 'never', 'auto' or an existing checkpoint directory"
+            )
+
+
+@dataclass
+class EvalConfig(SamplingSection):
+    KEY: ClassVar[str] = "eval"
+
+    n_samples: int = 1
+    temperature: float = 0.0
+    max_prompts: Optional[int] = None  # None: the whole validation split
+    max_new_tokens: Optional[int] = None  # None: rollout.max_new_tokens
+    keep_best: bool = True  # track the best val/accuracy and its step (logged as val/best_*)
+    save_best: bool = False  # also save the best policy as a HF model in RUN_DIR/best_model
+
+    def check(self) -> None:
+        super().check()
+        self.at_least("max_prompts", 1, optional=True)
+        self.at_least("max_new_tokens", 1, optional=True)
+
+
+@dataclass
+class LoggingConfig(Section):
+    KEY: ClassVar[str] = "logging"
+    CHOICES: ClassVar[Dict[str, tuple]] = {"wandb_mode": ("offline", "online", "disabled")}
+
+    wandb: bool = False
+    wandb_project: str = "distil_ray"
+    wandb_mode: str = "offline"  # offline | online | disabled
+    console_every: int = 1
+
+    def check(self) -> None:
+        super().check()
+        self.at_least("console_every", 1)
+
+
+@dataclass
+class RunConfig:
+    seed: int = 0
+    ray: RayConfig = field(default_factory=RayConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def rollout_sampling(self, *, seed: int | None = None):
+        """Training requests: the rollout section's sampling, length and stop strings."""
+        return self.rollout.sampling(max_new_tokens=self.rollout.max_new_tokens, stop=self.rollout.stop, seed=seed)
+
+    def eval_sampling(self, *, seed: int | None = None):
+        """Evaluation requests: the eval section's sampling with the rollout's stop strings and,
+        unless the eval section sets its own, the rollout's length."""
+        return self.eval.sampling(max_new_tokens=self.eval.max_new_tokens or self.rollout.max_new_tokens,
+                                  stop=self.rollout.stop, seed=seed)
+
+
+def register_configs() -> None:
+    """Register the schema with Hydra's ConfigStore (``conf/config.yaml`` lists it first)."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name=SCHEMA_NAME, node=RunConfig)
+
+
+# --------------------------------------------------------------------------- the algorithm section
+
+
+def _check_loss(algorithm: AlgorithmConfig) -> None:
+    """Keys against the loss's typed section; values by running the loss once (each loss owns
+    its value checks, so the config cannot drift from what the loss accepts)."""
+    spec = algorithm.spec
+    loss_kwargs = dict(algorithm.loss)
+    if spec.name == "ce" and "future_credit_coef" in loss_kwargs:
+        raise ConfigError("algorithm.loss.future_credit_coef: 'ce' is DistIL without future credit; use algorithm=distil")
+    allowed = [f.name for f in dataclasses.fields(spec.loss_config)]
+    for key in loss_kwargs:
+        if key not in allowed:
+            raise ConfigError(
+                f"algorithm.loss.{key}: unknown key for algorithm {algorithm.name!r}; "
+                f"allowed keys are {', '.join(allowed)}"
+            )
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:  # the types: a string where a number belongs fails here, naming the key
+        OmegaConf.merge(OmegaConf.structured(spec.loss_config), loss_kwargs)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"algorithm.loss.{e.full_key}: {_one_line(getattr(e, 'msg', e))}") from None
+    try:
+        _dry_run_loss(spec, loss_kwargs)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(_loss_value_message(spec, loss_kwargs, e)) from None
+
+
+def _check_advantages(algorithm: AlgorithmConfig) -> None:
+    from distil_ray.algorithms.advantages import group_relative_advantages
+
+    adv_params = {
+        n for n, p in inspect.signature(group_relative_advantages).parameters.items() if p.kind is p.KEYWORD_ONLY
+    }
+    for key in algorithm.advantages:
+        if key not in adv_params:
+            raise ConfigError(f"algorithm.advantages.{key}: unknown key; allowed keys are {', '.join(sorted(adv_params))}")
+    if algorithm.advantages and not algorithm.spec.needs_advantages:
+        raise ConfigError(
+            f"algorithm.advantages: algorithm {algorithm.name!r} uses no advantages; remove the section"
+        )
 
 
 def _dry_run_loss(algorithm, loss_kwargs: Dict[str, Any]) -> None:
@@ -448,110 +638,7 @@ def _loss_value_message(algorithm, loss_kwargs: Dict[str, Any], error: Exception
     return f"algorithm.loss: rejected by {algorithm.loss_fn.__name__} with {loss_kwargs} ({msg})"
 
 
-def _check_algorithm(c: _Checker) -> None:
-    from distil_ray.algorithms import ALGORITHMS
-    from distil_ray.algorithms.advantages import group_relative_advantages
-
-    cfg = c.cfg
-    c.choice("algorithm.name", tuple(ALGORITHMS))
-    algorithm = ALGORITHMS[cfg.algorithm.name]
-    loss_kwargs = dict(cfg.algorithm.loss)
-    allowed = _loss_parameters(algorithm.loss_fn)
-    for key in loss_kwargs:
-        if key not in allowed:
-            raise ConfigError(
-                f"algorithm.loss.{key}: unknown key for algorithm {cfg.algorithm.name!r}; "
-                f"allowed keys are {', '.join(allowed)}"
-            )
-    if algorithm.loss_fn.__name__ == "ce_loss" and "future_credit_coef" in loss_kwargs:
-        raise ConfigError("algorithm.loss.future_credit_coef: 'ce' is DistIL without future credit; use algorithm=distil")
-    try:
-        _dry_run_loss(algorithm, loss_kwargs)
-    except (ValueError, TypeError) as e:
-        raise ConfigError(_loss_value_message(algorithm, loss_kwargs, e)) from None
-
-    adv_params = {
-        n for n, p in inspect.signature(group_relative_advantages).parameters.items() if p.kind is p.KEYWORD_ONLY
-    }
-    for key in cfg.algorithm.advantages:
-        if key not in adv_params:
-            raise ConfigError(f"algorithm.advantages.{key}: unknown key; allowed keys are {', '.join(sorted(adv_params))}")
-    if cfg.algorithm.advantages and not algorithm.needs_advantages:
-        raise ConfigError(
-            f"algorithm.advantages: algorithm {cfg.algorithm.name!r} uses no advantages; remove the section"
-        )
-    if algorithm.needs_advantages and cfg.rollout.n_samples < 2:
-        raise ConfigError(
-            f"rollout.n_samples={cfg.rollout.n_samples}: algorithm {cfg.algorithm.name!r} needs >= 2 "
-            "(group-relative advantages of a single rollout are 0)"
-        )
-
-
-def _check_task(c: _Checker) -> None:
-    from distil_ray.tasks import TASKS, _resolve
-
-    cfg = c.cfg
-    c.choice("task.name", sorted(TASKS))
-    # The factory is resolved (imported), never called: constructing a task may load data.
-    factory = _resolve(cfg.task.name, TASKS[cfg.task.name])
-    params = inspect.signature(factory).parameters
-    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        return
-    allowed = [n for n, p in params.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and n != "self"]
-    for key in cfg.task.kwargs:
-        if key not in allowed:
-            raise ConfigError(
-                f"task.kwargs.{key}: unknown key for task {cfg.task.name!r}; allowed keys are {', '.join(allowed)}"
-            )
-    for key in ("task.train_split", "task.val_split"):
-        if not isinstance(c.get(key), str) or not c.get(key):
-            raise ConfigError(f"{key}={c.get(key)!r}: must be a non-empty split name")
-
-
-def _check_model(c: _Checker) -> None:
-    cfg = c.cfg
-    c.choice("model.dtype", CHOICES["model.dtype"])
-    if cfg.model.path is not None:
-        return
-    from distil_ray.models.tiny import TinyModelConfig
-
-    for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "intermediate_size"):
-        c.at_least(f"model.tiny.{name}", 1)
-    try:
-        # TinyModelConfig checks what vLLM and the tokenizer need (head_dim, vocab size, GQA ratio).
-        TinyModelConfig(**dataclasses.asdict(cfg.model.tiny))
-    except ValueError as e:
-        raise ConfigError(f"model.tiny.{_one_line(e)}") from None
-    if cfg.teacher.topk > cfg.model.tiny.vocab_size:
-        raise ConfigError(f"teacher.topk={cfg.teacher.topk}: must be <= model.tiny.vocab_size={cfg.model.tiny.vocab_size}")
-
-
-def _check_reprompt(c: _Checker) -> None:
-    r = c.cfg.teacher.reprompt
-    # The templates are str.format()-ed with these names (distil_ray.feedback.templates.reprompt_group).
-    templates = {
-        "reprompt_template": {"prompt": "p", "solution": "s", "feedback": "f"},
-        "solution_template": {"successful_previous_attempt": "a"},
-        "feedback_template": {"feedback_raw": "f"},
-    }
-    for name, fields in templates.items():
-        try:
-            getattr(r, name).format(**fields)
-        except (KeyError, IndexError, ValueError) as e:
-            raise ConfigError(
-                f"teacher.reprompt.{name}: cannot be formatted ({type(e).__name__}: {e}); "
-                f"allowed placeholders are {', '.join('{' + f + '}' for f in fields)}"
-            ) from None
-
-
-def _check_resume(c: _Checker) -> None:
-    resume = c.cfg.trainer.resume
-    if resume in RESUME_MODES:
-        return
-    if not isinstance(resume, str) or not resume or not Path(resume).expanduser().is_dir():
-        raise ConfigError(
-            f"trainer.resume={resume!r}: allowed values are 'never', 'auto' or an existing checkpoint directory"
-        )
+# --------------------------------------------------------------------------- validation
 
 
 def check_cpu_budget(cfg: "RunConfig", available: float, where: str) -> None:
@@ -560,14 +647,12 @@ def check_cpu_budget(cfg: "RunConfig", available: float, where: str) -> None:
     Ray would otherwise queue the actors that do not fit and the run would wait forever. The shares
     are scheduling tokens, not threads.
     """
-    from distil_ray.algorithms import ALGORITHMS
-
     demand = {
         "rollout.num_cpus * rollout.num_workers": cfg.rollout.num_cpus * cfg.rollout.num_workers,
         "feedback.num_cpus * feedback.num_workers": cfg.feedback.num_cpus * cfg.feedback.num_workers,
         "learner.num_cpus * learner.world_size": cfg.learner.num_cpus * cfg.learner.world_size,
     }
-    if ALGORITHMS[cfg.algorithm.name].needs_teacher:
+    if cfg.algorithm.spec.needs_teacher:
         demand["teacher.num_cpus"] = cfg.teacher.num_cpus
     total = sum(demand.values())
     if total > available + 1e-9:
@@ -581,97 +666,41 @@ def validate(cfg) -> RunConfig:
     """Check every key and value that a type cannot; return the config as a :class:`RunConfig`.
 
     Accepts a ``RunConfig``, an OmegaConf ``DictConfig`` or a plain dict (merged onto the schema,
-    so unknown keys fail here too). Raises :class:`ConfigError` on the first problem found.
+    so unknown keys fail here too). Runs each section's own ``check()``, then the checks that span
+    sections; raises :class:`ConfigError` on the first problem found.
     """
     cfg = to_run_config(cfg)
-    c = _Checker(cfg)
-    for key, allowed in CHOICES.items():
-        c.choice(key, allowed)
-
-    if cfg.ray.num_cpus is not None:
-        c.positive("ray.num_cpus")
-    if not cfg.ray.namespace:
-        raise ConfigError("ray.namespace='': must be a non-empty name")
-    _check_model(c)
+    for section in (cfg.model, cfg.rollout, cfg.teacher, cfg.learner, cfg.logging, cfg.ray):
+        section.check()  # the allowed-value checks first, as a misspelt choice is the common error
     if cfg.warm_start.enabled:
-        c.at_least("warm_start.steps", 1)
-        c.at_least("warm_start.batch_size", 1)
-        c.positive("warm_start.lr")
-
-    _check_task(c)
-    _check_algorithm(c)
-
-    c.at_least("rollout.num_workers", 1)
-    c.positive("rollout.num_cpus")
-    c.at_least("rollout.n_samples", 1)
-    c.at_least("rollout.temperature", 0.0)
-    c.probability("rollout.top_p")
-    c.at_least("rollout.max_new_tokens", 1)
-    c.positive("rollout.kv_cache_memory_bytes")
-    c.at_least("rollout.max_num_seqs", 1)
-
-    c.at_least("feedback.num_workers", 1)
-    c.positive("feedback.num_cpus")
-
-    c.at_least("teacher.topk", 1)
-    c.positive("teacher.num_cpus")
-    c.positive("teacher.kv_cache_memory_bytes")
-    _check_reprompt(c)
-
-    c.at_least("replay.max_staleness", 0)
-    c.at_least("replay.capacity", 1)
+        try:
+            cfg.warm_start.check()
+        except ValueError as e:
+            raise ConfigError(_one_line(e)) from None
+    cfg.task.check()
+    cfg.algorithm.check()
+    if cfg.algorithm.spec.needs_advantages and cfg.rollout.n_samples < 2:
+        raise ConfigError(
+            f"rollout.n_samples={cfg.rollout.n_samples}: algorithm {cfg.algorithm.name!r} needs >= 2 "
+            "(group-relative advantages of a single rollout are 0)"
+        )
+    if cfg.model.path is None and cfg.teacher.topk > cfg.model.tiny.vocab_size:
+        raise ConfigError(f"teacher.topk={cfg.teacher.topk}: must be <= model.tiny.vocab_size={cfg.model.tiny.vocab_size}")
+    for section in (cfg.feedback, cfg.replay, cfg.trainer, cfg.eval):
+        section.check()
     per_step = cfg.trainer.prompts_per_step * cfg.rollout.n_samples
     if cfg.replay.capacity < per_step:
         raise ConfigError(
             f"replay.capacity={cfg.replay.capacity}: must be >= trainer.prompts_per_step * rollout.n_samples "
             f"= {per_step} (one step's samples)"
         )
-
-    c.at_least("learner.world_size", 1)
-    c.positive("learner.num_cpus")
-    c.positive("learner.lr")
-    c.at_least("learner.weight_decay", 0.0)
-    betas = list(cfg.learner.betas)
-    if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in betas):
-        raise ConfigError(f"learner.betas={betas!r}: must be two numbers in [0, 1)")
-    c.at_least("learner.warmup_steps", 0)
-    c.positive("learner.grad_clip")
-    c.at_least("learner.micro_batch_size", 1)
-    c.at_least("learner.updates_per_batch", 1)
-    c.at_least("learner.logprob_chunk_size", 1)
-    for key in ("rollout.num_gpus", "teacher.num_gpus", "learner.num_gpus"):
-        c.at_least(key, 0.0)
-    if cfg.learner.backend == "nccl" and cfg.learner.num_gpus < 1:
-        raise ConfigError("learner.backend='nccl' needs learner.num_gpus >= 1 (one GPU per rank)")
-    c.probability("teacher.ema_rate")
-    if cfg.task.max_prompt_tokens is not None:
-        c.at_least("task.max_prompt_tokens", 1)
-    if cfg.teacher.max_context_tokens is not None:
-        c.at_least("teacher.max_context_tokens", 2)
     if cfg.ray.num_cpus is not None and cfg.ray.address is None:
         check_cpu_budget(cfg, cfg.ray.num_cpus, f"ray.num_cpus={cfg.ray.num_cpus}")
-
-    c.at_least("trainer.total_steps", 1)
-    c.at_least("trainer.prompts_per_step", 1)
     if cfg.learner.updates_per_batch > cfg.trainer.prompts_per_step:
         raise ConfigError(
             f"learner.updates_per_batch={cfg.learner.updates_per_batch}: at most trainer.prompts_per_step="
             f"{cfg.trainer.prompts_per_step} (each update needs at least one prompt's group)"
         )
-    c.at_least("trainer.eval_every", 0)
-    c.at_least("trainer.checkpoint_every", 0)
-    _check_resume(c)
-
-    c.at_least("eval.n_samples", 1)
-    c.at_least("eval.temperature", 0.0)
-    c.probability("eval.top_p")
-    c.at_least("eval.max_prompts", 1, optional=True)
-    c.at_least("eval.max_new_tokens", 1, optional=True)
-
-    c.at_least("logging.console_every", 1)
-    for key in ("rollout.temperature", "eval.temperature", "learner.lr"):
-        if isinstance(c.get(key), float) and not math.isfinite(c.get(key)):
-            raise ConfigError(f"{key}={c.get(key)!r}: must be finite")
     return cfg
 
 
@@ -712,7 +741,7 @@ def _check_keys(values, schema, prefix: str) -> None:
 
 
 def to_dict(cfg: RunConfig) -> Dict[str, Any]:
-    """Plain nested dict of a config (for JSON, wandb, Ray actor options)."""
+    """Plain nested dict of a config (for JSON, wandb)."""
     return dataclasses.asdict(cfg)
 
 
@@ -743,7 +772,6 @@ def compose_config(overrides: Sequence[str] = (), *, conf_dir: Optional[str | Pa
 
 
 __all__ = [
-    "CHOICES",
     "AlgorithmConfig",
     "ConfigError",
     "EvalConfig",
@@ -753,12 +781,14 @@ __all__ = [
     "ModelConfig",
     "RayConfig",
     "ReplayConfig",
-    "RepromptSchema",
+    "RepromptConfig",
     "RolloutConfig",
     "RunConfig",
+    "SamplingSection",
+    "Section",
     "TaskConfig",
     "TeacherConfig",
-    "TinyConfig",
+    "TinyModelConfig",
     "TrainerConfig",
     "WarmStartConfig",
     "compose_config",

@@ -24,7 +24,7 @@ from distil_ray.algorithms import get_algorithm
 from distil_ray.feedback.templates import reprompt_group
 from distil_ray.learner.forward import response_logprobs
 from distil_ray.models import load_tiny, tiny_model_dir
-from distil_ray.teacher.hf import score_topk
+from distil_ray.engines.hf import score_topk
 
 
 def make_questions(n: int, rng: random.Random):

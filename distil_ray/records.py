@@ -13,15 +13,38 @@ from typing import Any
 
 import numpy as np
 
+from distil_ray.tasks.base import TaskExample
+
 
 @dataclass
 class Prompt:
-    uid: str
-    task: str
-    messages: list[dict[str, str]]  # what the student sees
+    """A task example as the engines see it: the example (what the student is shown, and the
+    reference data — answer key, tests, solution — that never enters the student's context) plus
+    its chat-templated token ids. One object-store copy serves the rollout workers, the graders
+    and the teacher."""
+
+    example: TaskExample
     prompt_ids: np.ndarray  # [P] int32, the chat-templated prompt
-    reference: dict[str, Any] = field(default_factory=dict)  # answer key / tests / solution: never shown to the student
-    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def uid(self) -> str:
+        return self.example.uid
+
+    @property
+    def task(self) -> str:
+        return self.example.task
+
+    @property
+    def messages(self) -> list[dict[str, str]]:
+        return self.example.messages
+
+    @property
+    def reference(self) -> dict[str, Any]:
+        return self.example.reference
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        return self.example.meta
 
 
 @dataclass

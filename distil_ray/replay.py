@@ -23,6 +23,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
+from distil_ray.config import ReplayConfig
+
 
 @dataclass
 class _Entry:
@@ -32,13 +34,11 @@ class _Entry:
 
 
 class ReplayBuffer:
-    def __init__(self, capacity: int, max_staleness: int = 0):
-        if capacity < 1:
-            raise ValueError(f"replay.capacity={capacity!r}: must be >= 1")
-        if max_staleness < 0:
-            raise ValueError(f"replay.max_staleness={max_staleness!r}: must be >= 0")
-        self.capacity = capacity
-        self.max_staleness = max_staleness
+    def __init__(self, cfg: ReplayConfig):
+        """``cfg``: the ``replay`` section (capacity in records, staleness bound in versions)."""
+        cfg.check()
+        self.capacity = cfg.capacity
+        self.max_staleness = cfg.max_staleness
         self._entries: deque[_Entry] = deque()
         self.queued = 0  # records
         self.accepted = 0
@@ -96,8 +96,8 @@ class ReplayQueue:
     """Async Ray actor around ``ReplayBuffer``. Pass refs nested in a list (``put.remote([ref], ...)``)
     so Ray hands the actor the references and never resolves the records into it."""
 
-    def __init__(self, capacity: int, max_staleness: int = 0):
-        self.buffer = ReplayBuffer(capacity, max_staleness)
+    def __init__(self, cfg: ReplayConfig):
+        self.buffer = ReplayBuffer(cfg)
         self._changed = asyncio.Condition()
 
     async def put(self, refs: list[Any], num_records: int, version: int, timeout_s: float | None = None) -> bool:

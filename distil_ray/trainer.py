@@ -28,35 +28,24 @@ from pathlib import Path
 from typing import Any
 
 import ray
-from omegaconf import OmegaConf
 
-from distil_ray.algorithms import get_algorithm
+from distil_ray.engines import SamplingConfig
 from distil_ray.evaluation.metrics import aggregate_grades
 from distil_ray.feedback.pool import FeedbackPool
 from distil_ray.learner.group import LearnerGroup
+from distil_ray.learner.weight_sync import WeightSync
 from distil_ray.records import Graded, Prompt, Scored
 from distil_ray.replay import ReplayQueue
-from distil_ray.rollout.engine import SamplingConfig
 from distil_ray.rollout.worker import RolloutWorker
-from distil_ray.tasks import get_task
 from distil_ray.tasks.prompts import PromptStream, to_prompts
 from distil_ray.teacher.scorer import TeacherScorer
 from distil_ray.telemetry import MetricsLogger, Progress
 from distil_ray.telemetry.ray_metrics import DashboardMetrics
+from distil_ray.telemetry.reduce import reduce_metrics
 
 log = logging.getLogger("distil_ray.trainer")
 
 CHECKPOINTS = "checkpoints"
-TEACHER_EMA = "teacher_ema.safetensors"
-
-
-def _plain(node) -> Any:
-    """A config section as plain Python containers: actors take plain kwargs, not config objects."""
-    if dataclasses.is_dataclass(node):
-        return dataclasses.asdict(node)
-    if OmegaConf.is_config(node):
-        return OmegaConf.to_container(node, resolve=True)
-    return node
 
 
 @ray.remote(num_cpus=0)
@@ -91,7 +80,7 @@ class Trainer:
     def __init__(self, cfg, run_dir: str | os.PathLike):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
-        self.algorithm = get_algorithm(cfg.algorithm.name)
+        self.algorithm = cfg.algorithm.spec
         self.version = 0  # policy version = number of weight syncs (one per generation batch trained on)
         self.step = 0
         self.best: dict[str, float] = {}
@@ -123,7 +112,7 @@ class Trainer:
         self._t_start = time.perf_counter()
         clock = StageClock()
         clock.timed("ray_start", self.start_ray)
-        self.task = get_task(self.cfg.task.name, **_plain(self.cfg.task.kwargs))
+        self.task = self.cfg.task.build()
         model_dir = clock.timed("model", self.prepare_model)  # incl. a warm start that is not cached yet
         clock.timed("data", self.load_prompts, model_dir)
         clock.timed("actors", self.start_actors, model_dir)
@@ -147,7 +136,7 @@ class Trainer:
         train_metrics = clock.timed("learner", self.update_policy, refs)
         self.version += 1
         self.step += 1
-        clock.timed("sync", self.sync_weights)
+        clock.timed("sync", self.weight_sync.push, self.version)
 
         metrics = {**train_metrics, **ray.get(self.replay.stats.remote())}
         metrics["policy_version"] = float(self.version)
@@ -220,18 +209,19 @@ class Trainer:
         cfg = self.cfg
         if cfg.model.path is not None:
             return str(cfg.model.path)
-        from distil_ray.models.tiny import TinyModelConfig, tiny_model_dir
+        from distil_ray.models.tiny import tiny_model_dir
 
         task = self.task
         # a task may offer lines of its own text for the tiny tokenizer: its prompts and feedback
         # then tokenise into a few tokens per word, as a real LLM's vocabulary would
-        corpus = tuple(task.tokenizer_corpus()) if hasattr(task, "tokenizer_corpus") else ()
-        model_dir = tiny_model_dir(TinyModelConfig(**_plain(cfg.model.tiny), extra_corpus=corpus))
+        corpus = list(task.tokenizer_corpus()) if hasattr(task, "tokenizer_corpus") else []
+        tiny = dataclasses.replace(cfg.model.tiny, extra_corpus=list(cfg.model.tiny.extra_corpus) + corpus)
+        model_dir = tiny_model_dir(tiny)
         if cfg.warm_start.enabled:
-            from distil_ray.models.warm_start import WarmStartConfig, warm_start_dir
+            from distil_ray.models.warm_start import warm_start_dir
 
             t0 = time.perf_counter()
-            model_dir = warm_start_dir(model_dir, task, WarmStartConfig(**_plain(cfg.warm_start)))
+            model_dir = warm_start_dir(model_dir, task, cfg.warm_start)
             log.info("warm start ready in %.1f s: %s", time.perf_counter() - t0, model_dir)
         return str(model_dir)
 
@@ -246,7 +236,6 @@ class Trainer:
             val = val[: cfg.eval.max_prompts]
         self.train_prompts = self._within_length(to_prompts(train, tokenizer), "train")
         self.val_prompts = self._within_length(to_prompts(val, tokenizer), "validation")
-        self.examples = {ex.uid: ex for ex in train + val}
         self.stream = PromptStream(self.train_prompts, cfg.trainer.prompts_per_step, seed=cfg.seed)
         log.info("%d train prompts, %d validation prompts", len(self.train_prompts), len(self.val_prompts))
 
@@ -262,76 +251,29 @@ class Trainer:
         return kept
 
     def start_actors(self, model_dir: str) -> None:
+        """Every actor takes its own config section (plus the run's dtype and seed)."""
         cfg = self.cfg
+        run = {"dtype": cfg.model.dtype, "seed": cfg.seed}
         rollout_actor = ray.remote(num_cpus=cfg.rollout.num_cpus, num_gpus=cfg.rollout.num_gpus)(RolloutWorker)
-        engine_kwargs = {"dtype": cfg.model.dtype, "seed": cfg.seed}
-        if cfg.rollout.engine == "vllm":
-            engine_kwargs.update(kv_cache_memory_bytes=cfg.rollout.kv_cache_memory_bytes, max_num_seqs=cfg.rollout.max_num_seqs)
-        self.rollout_workers = [
-            rollout_actor.options(name=f"rollout-{i}").remote(model_dir, engine=cfg.rollout.engine, engine_kwargs=engine_kwargs)
-            for i in range(cfg.rollout.num_workers)
-        ]
-        self.feedback = FeedbackPool(
-            cfg.task.name, _plain(cfg.task.kwargs), num_workers=cfg.feedback.num_workers, num_cpus=cfg.feedback.num_cpus
-        )
+        self.rollout_workers = [rollout_actor.options(name=f"rollout-{i}").remote(model_dir, cfg.rollout, **run)
+                                for i in range(cfg.rollout.num_workers)]
+        self.feedback = FeedbackPool(cfg.task, cfg.feedback)
         self.teacher = None
         if self.algorithm.needs_teacher:
-            backend_kwargs = {"dtype": cfg.model.dtype}
-            if cfg.teacher.backend == "vllm":
-                backend_kwargs["kv_cache_memory_bytes"] = cfg.teacher.kv_cache_memory_bytes
-                backend_kwargs["max_logprobs"] = max(cfg.teacher.topk, 20)
-            self.teacher = ray.remote(num_cpus=cfg.teacher.num_cpus, num_gpus=cfg.teacher.num_gpus)(TeacherScorer).options(name="teacher").remote(
-                model_dir,
-                backend=cfg.teacher.backend,
-                topk=cfg.teacher.topk,
-                context=cfg.teacher.context,
-                reprompt=_plain(cfg.teacher.reprompt),
-                backend_kwargs=backend_kwargs,
-                max_context_tokens=cfg.teacher.max_context_tokens,
-                update=cfg.teacher.update,
-                ema_rate=cfg.teacher.ema_rate,
-            )
-        self.replay = ray.remote(num_cpus=0)(ReplayQueue).options(name="replay").remote(
-            capacity=cfg.replay.capacity, max_staleness=cfg.replay.max_staleness
-        )
-        self.learner = LearnerGroup(
-            model_dir,
-            world_size=cfg.learner.world_size,
-            num_cpus_per_rank=cfg.learner.num_cpus,
-            num_gpus_per_rank=cfg.learner.num_gpus,
-            algorithm=cfg.algorithm.name,
-            loss_kwargs=_plain(cfg.algorithm.loss),
-            advantage_kwargs=_plain(cfg.algorithm.advantages),
-            lr=cfg.learner.lr,
-            weight_decay=cfg.learner.weight_decay,
-            betas=tuple(cfg.learner.betas),
-            warmup_steps=cfg.learner.warmup_steps,
-            grad_clip=cfg.learner.grad_clip,
-            micro_batch_size=cfg.learner.micro_batch_size,
-            logprob_chunk_size=cfg.learner.logprob_chunk_size,
-            temperature=cfg.rollout.temperature,
-            backend=cfg.learner.backend,
-            dtype=cfg.learner.dtype,
-            seed=cfg.seed,
-        )
-        # the examples' reference data (answer keys, tests) goes into the object store once
-        self.example_refs = {uid: ray.put(ex) for uid, ex in self.examples.items()}
-        self.prompt_refs = {p.uid: ray.put(p) for p in self.train_prompts}
+            teacher_actor = ray.remote(num_cpus=cfg.teacher.num_cpus, num_gpus=cfg.teacher.num_gpus)(TeacherScorer)
+            self.teacher = teacher_actor.options(name="teacher").remote(model_dir, cfg.teacher, **run)
+        self.replay = ray.remote(num_cpus=0)(ReplayQueue).options(name="replay").remote(cfg.replay)
+        # the learner scores the sampled tokens at the temperature they were sampled at
+        self.learner = LearnerGroup(model_dir, cfg.learner, cfg.algorithm, temperature=cfg.rollout.temperature,
+                                    seed=cfg.seed)
+        self.weight_sync = WeightSync(self.learner, self.rollout_workers, self.teacher,
+                                      teacher_update=cfg.teacher.update)
+        self.weight_sync.connect()
+        # each prompt, with its reference data (answer keys, tests), goes into the object store once
+        self.prompt_refs = {p.uid: ray.put(p) for p in self.train_prompts + self.val_prompts}
         self._producer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="producer")
 
     # ------------------------------------------------------------------ one round of data
-    def sampling(self, *, evaluation: bool = False, seed: int | None = None) -> SamplingConfig:
-        r, e = self.cfg.rollout, self.cfg.eval
-        if evaluation:
-            return SamplingConfig(
-                n=e.n_samples, temperature=e.temperature, top_p=e.top_p,
-                max_new_tokens=e.max_new_tokens or r.max_new_tokens, stop=tuple(r.stop), seed=seed,
-            )
-        return SamplingConfig(
-            n=r.n_samples, temperature=r.temperature, top_p=r.top_p,
-            max_new_tokens=r.max_new_tokens, stop=tuple(r.stop), seed=seed,
-        )
-
     def start_round(self, prompts: list[Prompt]) -> Future:
         self._rounds_started += 1
         seed = self.cfg.seed * 1_000_003 + self._rounds_started  # a resumed run samples what it would have
@@ -364,12 +306,12 @@ class Trainer:
         Returns the seconds each stage took."""
         t0 = time.perf_counter()
         version = self.version  # the weights this round samples with (the last sync finished before it)
-        sampling = self.sampling(seed=seed)
+        sampling = self.cfg.rollout_sampling(seed=seed)
         groups: dict[str, list[ray.ObjectRef]] = defaultdict(list)
         scored: list[ray.ObjectRef] = []  # one ref per complete group (a list of records)
         graded_all: list[ray.ObjectRef] = []
         for uid, rollout_ref in self.stream_rollouts(prompts, sampling, version):
-            graded_ref = self.feedback.grade_ref(self.example_refs[uid], rollout_ref)
+            graded_ref = self.feedback.grade_ref(self.prompt_refs[uid], rollout_ref)
             graded_all.append(graded_ref)
             groups[uid].append(graded_ref)
             if len(groups[uid]) == sampling.n:  # the group is complete: on to the teacher
@@ -399,36 +341,20 @@ class Trainer:
         return refs
 
     def update_policy(self, refs: list[ray.ObjectRef]) -> dict[str, float]:
-        """``learner.updates_per_batch`` optimizer steps, each on its own share of the batch's groups;
-        counts add up over the updates, everything else is averaged."""
+        """``learner.updates_per_batch`` optimizer steps, each on its own share of the batch's groups."""
         k = self.cfg.learner.updates_per_batch
-        per_update = [self.learner.train_step(refs[i::k]) for i in range(k)]
-        out = {}
-        for key in per_update[0]:
-            values = [m[key] for m in per_update if key in m]
-            counted = key.endswith(("num_tokens", "num_sequences", "num_samples", "num_micro_batches"))
-            out[key] = sum(values) if counted else sum(values) / len(values)
+        out = reduce_metrics(self.learner.train_step(refs[i::k]) for i in range(k))
         out["learner/updates"] = float(k)
         return out
-
-    def sync_weights(self) -> float:
-        """The learners' new weights to every engine, by one object-store reference."""
-        t0 = time.perf_counter()
-        state_ref = self.learner.state_dict_ref()
-        targets = list(self.rollout_workers)
-        if self.teacher is not None and self.cfg.teacher.update != "fixed":
-            targets.append(self.teacher)  # an EMA teacher averages the new weights in
-        ray.get([t.update_weights.remote(state_ref, self.version) for t in targets])
-        return time.perf_counter() - t0
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self) -> dict[str, float]:
         t0 = time.perf_counter()
         prompts = self.val_prompts
-        sampling = self.sampling(evaluation=True, seed=self.cfg.seed)
+        sampling = self.cfg.eval_sampling(seed=self.cfg.seed)
         graded_refs: dict[str, list[ray.ObjectRef]] = defaultdict(list)
         for uid, rollout_ref in self.stream_rollouts(prompts, sampling, self.version):
-            graded_refs[uid].append(self.feedback.grade_ref(self.example_refs[uid], rollout_ref))
+            graded_refs[uid].append(self.feedback.grade_ref(self.prompt_refs[uid], rollout_ref))
         grades = []
         for p in prompts:
             group = sorted(ray.get(graded_refs[p.uid]), key=lambda g: g.sample_index)
@@ -452,14 +378,23 @@ class Trainer:
         return metrics
 
     # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """What the driver itself must restore for an exact resume (the learners and engines keep
+        the rest): counters, the data position and the best evaluation so far."""
+        return {"step": self.step, "version": self.version, "data": self.stream.state(), "best": dict(self.best),
+                "rounds_started": self._rounds_started}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step, self.version = int(state["step"]), int(state["version"])
+        self.stream.load_state(state["data"])
+        self.best = dict(state.get("best", {}))
+        self._rounds_started = int(state.get("rounds_started", self.step))
+
     def checkpoint(self) -> None:
         path = self.run_dir / CHECKPOINTS / f"step_{self.step:06d}"
-        extra = {"step": self.step, "version": self.version, "data": self.stream.state(), "best": self.best,
-                 "rounds_started": self._rounds_started}
         t0 = time.perf_counter()
-        self.learner.save_checkpoint(str(path), extra)
-        if self.teacher is not None and self.cfg.teacher.update == "ema":
-            ray.get(self.teacher.save_ema.remote(str(path / TEACHER_EMA)))
+        self.learner.save_checkpoint(str(path), self.state_dict())
+        self.weight_sync.save(path)
         (path.parent / "latest").write_text(path.name)
         self.metrics.log(self.step, {"time/checkpoint_s": time.perf_counter() - t0})
 
@@ -475,26 +410,15 @@ class Trainer:
             path = latest.parent / latest.read_text().strip()
         else:
             path = Path(resume)
-        extra = self.learner.load_checkpoint(str(path))
-        self.step, self.version = int(extra["step"]), int(extra["version"])
-        self.stream.load_state(extra["data"])
-        self.best = dict(extra.get("best", {}))
-        self._rounds_started = int(extra.get("rounds_started", self.step))
-        # the engines start from the checkpoint's weights, not the base model's; an EMA teacher
-        # from its own saved average (averaging the policy in once more would change it)
-        state_ref = self.learner.state_dict_ref()
-        loads = [w.update_weights.remote(state_ref, self.version) for w in self.rollout_workers]
-        if self.teacher is not None and self.cfg.teacher.update == "current":
-            loads.append(self.teacher.update_weights.remote(state_ref, self.version))
-        elif self.teacher is not None and self.cfg.teacher.update == "ema":
-            loads.append(self.teacher.load_ema.remote(str(path / TEACHER_EMA), self.version))
-        ray.get(loads)
+        self.load_state_dict(self.learner.load_checkpoint(str(path)))
+        self.weight_sync.restore(self.version, path)
         print(f"resumed from {path} at step {self.step}", flush=True)
 
     def shutdown(self) -> None:
         if self._producer is not None:
             self._producer.shutdown(wait=True)
         self.metrics.close()
+        self.weight_sync.close()
         self.learner.shutdown()
         self.feedback.shutdown()
         for actor in self.rollout_workers + ([self.teacher] if self.teacher is not None else []) + [self.replay]:

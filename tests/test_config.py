@@ -15,7 +15,6 @@ from omegaconf import OmegaConf
 from distil_ray.algorithms import ALGORITHMS
 from distil_ray.config import (
     ConfigError,
-    RepromptSchema,
     RunConfig,
     compose_config,
     config_dir,
@@ -96,11 +95,15 @@ def test_defaults_validate():
     assert cfg.rollout.n_samples == 4 and cfg.teacher.topk == 20
 
 
-def test_reprompt_schema_mirrors_reprompt_config():
-    ours = {f.name: f.default for f in dataclasses.fields(RepromptSchema)}
-    theirs = {f.name: f.default for f in dataclasses.fields(RepromptConfig)}
-    assert ours == theirs
-    assert RepromptSchema().to_reprompt_config() == RepromptConfig()
+def test_sections_are_the_classes_their_users_take():
+    """One class each: the tiny model, the warm start and the reprompt section are the objects
+    the model builder, the warm start and the teacher read, not mirrors of them."""
+    from distil_ray.models.config import TinyModelConfig, WarmStartConfig
+
+    cfg = compose_config(["+experiment=tiny", "teacher.reprompt.strip_thinking=false", "model.tiny.seed=3"])
+    assert type(cfg.teacher.reprompt) is RepromptConfig and cfg.teacher.reprompt.strip_thinking is False
+    assert type(cfg.model.tiny) is TinyModelConfig and cfg.model.tiny.seed == 3
+    assert type(cfg.warm_start) is WarmStartConfig and cfg.warm_start.enabled
 
 
 def test_overrides_reach_the_object():
@@ -286,16 +289,23 @@ def test_hydra_settings():
     assert "outputs/" in ignored and "multirun/" in ignored
 
 
-def test_warm_start_schema_mirrors_the_warm_start_config():
-    import dataclasses
+def test_a_section_checks_itself_outside_a_run():
+    """An actor built from a section alone (a test, a script) fails with the same message as a run."""
+    from distil_ray.config import LearnerConfig, RolloutConfig, TeacherConfig
 
-    from distil_ray.config import WarmStartConfig as Schema
-    from distil_ray.models.warm_start import WarmStartConfig
+    with pytest.raises(ConfigError, match=r"^learner\.dtype='fp16': allowed values are 'float32', 'bfloat16'$"):
+        LearnerConfig(dtype="fp16").check()
+    with pytest.raises(ConfigError, match=r"^rollout\.top_p=0\.0: must lie in \(0, 1\]$"):
+        RolloutConfig(top_p=0.0).check()
+    with pytest.raises(ConfigError, match=r"^teacher\.reprompt\.solution_template: cannot be formatted"):
+        TeacherConfig(reprompt=RepromptConfig(solution_template="{x}")).check()
 
-    schema = {f.name: f.default for f in dataclasses.fields(Schema)}
-    real = {f.name: f.default for f in dataclasses.fields(WarmStartConfig)}
-    assert schema.keys() == real.keys()
-    assert {k: v for k, v in schema.items() if k != "enabled"} == {k: v for k, v in real.items() if k != "enabled"}
+
+def test_loss_values_of_the_wrong_type_name_the_key():
+    assert _error(["algorithm.loss.gamma=fast"]).startswith("algorithm.loss.gamma: Value 'fast' of type 'str' could not be converted")
+    # every hyper-parameter reaches the learner, defaults included
+    cfg = compose_config(["algorithm=grpo"])
+    assert cfg.algorithm.loss_kwargs()["clip_eps_high"] == 0.28
 
 
 def test_actor_cpu_shares_must_fit_the_local_cluster():

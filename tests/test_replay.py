@@ -3,11 +3,12 @@ import time
 import pytest
 import ray
 
+from distil_ray.config import ReplayConfig
 from distil_ray.replay import ReplayBuffer, ReplayQueue
 
 
 def test_fifo_and_accounting():
-    buf = ReplayBuffer(capacity=100, max_staleness=0)
+    buf = ReplayBuffer(ReplayConfig(capacity=100, max_staleness=0))
     buf.put(["a"], 4, version=0)
     buf.put(["b"], 4, version=0)
     refs, versions = buf.take(1)
@@ -17,7 +18,7 @@ def test_fifo_and_accounting():
 
 
 def test_staleness_drops_old_groups_and_counts_them():
-    buf = ReplayBuffer(capacity=100, max_staleness=1)
+    buf = ReplayBuffer(ReplayConfig(capacity=100, max_staleness=1))
     buf.put(["v0"], 4, version=0)
     buf.put(["v1"], 3, version=1)
     buf.put(["v2"], 2, version=2)
@@ -30,26 +31,26 @@ def test_staleness_drops_old_groups_and_counts_them():
 
 
 def test_on_policy_drops_everything_older_than_current():
-    buf = ReplayBuffer(capacity=10, max_staleness=0)
+    buf = ReplayBuffer(ReplayConfig(capacity=10, max_staleness=0))
     buf.put(["old"], 1, version=3)
     buf.drop_stale(current_version=4)
     assert buf.take(1) == ([], [])
 
 
 def test_capacity_and_bad_values():
-    buf = ReplayBuffer(capacity=5)
+    buf = ReplayBuffer(ReplayConfig(capacity=5))
     assert buf.has_room(5)
     buf.put(["a"], 4, 0)
     assert not buf.has_room(2)
     with pytest.raises(ValueError, match="replay.capacity"):
-        ReplayBuffer(capacity=0)
+        ReplayBuffer(ReplayConfig(capacity=0))
     with pytest.raises(ValueError, match="replay.max_staleness"):
-        ReplayBuffer(capacity=1, max_staleness=-1)
+        ReplayBuffer(ReplayConfig(capacity=1, max_staleness=-1))
 
 
 @pytest.mark.timeout(120)
 def test_actor_back_pressure_and_refs_are_not_resolved(ray_cluster):
-    queue = ray.remote(num_cpus=0.1)(ReplayQueue).remote(capacity=4, max_staleness=0)
+    queue = ray.remote(num_cpus=0.1)(ReplayQueue).remote(ReplayConfig(capacity=4, max_staleness=0))
     records = [ray.put({"group": i}) for i in range(3)]
     assert ray.get(queue.put.remote([records[0]], 4, 0))
     # full: the second put waits until the learner takes something
@@ -67,7 +68,7 @@ def test_actor_back_pressure_and_refs_are_not_resolved(ray_cluster):
 
 @pytest.mark.timeout(120)
 def test_actor_get_waits_for_producer(ray_cluster):
-    queue = ray.remote(num_cpus=0.1)(ReplayQueue).remote(capacity=16)
+    queue = ray.remote(num_cpus=0.1)(ReplayQueue).remote(ReplayConfig(capacity=16))
     pending = queue.get.remote(2, 0)
     time.sleep(0.3)
     ray.get(queue.put.remote([ray.put("a")], 1, 0))

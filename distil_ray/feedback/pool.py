@@ -10,22 +10,26 @@ sandboxed programs at once.
 from __future__ import annotations
 
 import threading
-from typing import Any, Iterable, Iterator
+from typing import Iterable, Iterator
 
 import ray
 from ray.util import ActorPool
 
-from distil_ray.records import Graded, Rollout
-from distil_ray.tasks import TaskExample, get_task
+from distil_ray.config import FeedbackConfig, TaskConfig
+from distil_ray.records import Graded, Prompt, Rollout
+from distil_ray.tasks import TaskExample
 
 
 class Grader:
-    """Grades rollouts of one task into ``Graded`` records."""
+    """Grades rollouts of one task into ``Graded`` records; ``cfg``: the ``task`` section."""
 
-    def __init__(self, task_name: str, task_kwargs: dict[str, Any] | None = None):
-        self.task = get_task(task_name, **(task_kwargs or {}))
+    def __init__(self, cfg: TaskConfig):
+        self.task = cfg.build()
 
-    def grade(self, example: TaskExample, rollout: Rollout) -> Graded:
+    def grade(self, example: TaskExample | Prompt, rollout: Rollout) -> Graded:
+        """Grade one rollout against its example (or the Prompt that carries it)."""
+        if isinstance(example, Prompt):
+            example = example.example
         grade = self.task.grade(example, rollout.text)
         return Graded.from_rollout(
             rollout,
@@ -45,21 +49,12 @@ class FeedbackPool:
     keep grading. ``num_cpus`` is per actor; fractional values let several share a small machine.
     """
 
-    def __init__(
-        self,
-        task_name: str,
-        task_kwargs: dict[str, Any] | None = None,
-        *,
-        num_workers: int = 2,
-        num_cpus: float = 0.5,
-        name: str = "feedback",
-    ):
-        if num_workers < 1:
-            raise ValueError(f"feedback.num_workers={num_workers!r}: must be >= 1")
-        actor = ray.remote(num_cpus=num_cpus)(Grader)
-        self.workers = [
-            actor.options(name=f"{name}-{i}").remote(task_name, task_kwargs) for i in range(num_workers)
-        ]
+    def __init__(self, task: TaskConfig, cfg: FeedbackConfig, *, name: str = "feedback"):
+        """``task``: the ``task`` section (what each grader builds); ``cfg``: the ``feedback``
+        section (how many actors, their CPU share)."""
+        cfg.check()
+        actor = ray.remote(num_cpus=cfg.num_cpus)(Grader)
+        self.workers = [actor.options(name=f"{name}-{i}").remote(task) for i in range(cfg.num_workers)]
         self._pool = ActorPool(self.workers)
         self._in_flight: list[list[ray.ObjectRef]] = [[] for _ in self.workers]
         self._lock = threading.Lock()  # the driver grades from its producer thread and its evaluation

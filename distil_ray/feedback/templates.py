@@ -16,13 +16,15 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Sequence
+from typing import ClassVar, Sequence
 
 _THINK = re.compile(r"<think>.*?</think>\s*", flags=re.DOTALL)
 
 
-@dataclass(frozen=True)
+@dataclass
 class RepromptConfig:
+    """How the teacher's context is built (the ``teacher.reprompt`` config section)."""
+
     reprompt_template: str = "{prompt}{solution}{feedback}\n\nCorrectly solve the original question."
     solution_template: str = "\nCorrect solution:\n\n{successful_previous_attempt}"
     feedback_template: str = "\nThe following is feedback from your unsuccessful earlier attempt:\n\n{feedback_raw}"
@@ -31,6 +33,24 @@ class RepromptConfig:
     dont_reprompt_on_self_success: bool = True  # a sample is never its own demonstration
     strip_thinking: bool = True
     success_threshold: float = 0.5  # reward at or above which a rollout counts as a solution
+
+    # The templates are str.format()-ed with exactly these names (reprompt_group below).
+    PLACEHOLDERS: ClassVar[dict[str, dict[str, str]]] = {
+        "reprompt_template": {"prompt": "p", "solution": "s", "feedback": "f"},
+        "solution_template": {"successful_previous_attempt": "a"},
+        "feedback_template": {"feedback_raw": "f"},
+    }
+
+    def check(self) -> None:
+        """Raise ValueError naming the first template that cannot be formatted."""
+        for name, fields in self.PLACEHOLDERS.items():
+            try:
+                getattr(self, name).format(**fields)
+            except (KeyError, IndexError, ValueError) as e:
+                raise ValueError(
+                    f"{name}: cannot be formatted ({type(e).__name__}: {e}); "
+                    f"allowed placeholders are {', '.join('{' + f + '}' for f in fields)}"
+                ) from None
 
 
 OPSD_TEMPLATE = (
@@ -68,9 +88,10 @@ def reprompt_group(
     responses: Sequence[str],
     rewards: Sequence[float],
     feedbacks: Sequence[str | None],
-    cfg: RepromptConfig = RepromptConfig(),
+    cfg: RepromptConfig | None = None,
 ) -> list[TeacherContext]:
     """Teacher contexts for every rollout of one prompt (a group of siblings)."""
+    cfg = cfg or RepromptConfig()
     if not len(responses) == len(rewards) == len(feedbacks):
         raise ValueError("responses, rewards and feedbacks must have one entry per rollout")
     prompt = prompt_messages[-1]["content"]

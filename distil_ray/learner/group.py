@@ -13,7 +13,9 @@ from typing import Any, Sequence
 
 import ray
 
+from distil_ray.config import AlgorithmConfig, LearnerConfig
 from distil_ray.learner.packing import balanced_split, sequence_length, split_groups
+from distil_ray.learner.worker import Rendezvous
 from distil_ray.records import Scored
 
 
@@ -30,10 +32,10 @@ class LearnerActor:
             port = s.getsockname()[1]
         return ray.util.get_node_ip_address(), port
 
-    def setup(self, model_path: str, kwargs: dict) -> bool:
+    def setup(self, model_path: str, cfg, algorithm, rendezvous, options: dict) -> bool:
         from distil_ray.learner.worker import LearnerWorker
 
-        self.worker = LearnerWorker(model_path, **kwargs)
+        self.worker = LearnerWorker(model_path, cfg, algorithm, rendezvous, **options)
         return True
 
     def train_step(self, records: list) -> dict:
@@ -72,36 +74,36 @@ def _resolve(items: list) -> list[Scored]:
 
 
 class LearnerGroup:
+    """``cfg.world_size`` ranks named ``{name}-{rank}``; ``cfg``: the ``learner`` section,
+    ``algorithm``: the ``algorithm`` section; ``temperature``/``seed``: see :class:`LearnerWorker`."""
+
     def __init__(
         self,
         model_path: str,
+        cfg: LearnerConfig,
+        algorithm: AlgorithmConfig,
         *,
-        world_size: int,
-        num_cpus_per_rank: float = 0.5,
-        num_gpus_per_rank: float = 0,
+        temperature: float = 1.0,
+        seed: int = 0,
         name: str = "learner",
         setup_timeout_s: float = 600.0,
-        **worker_kwargs,
     ):
-        if world_size < 1:
-            raise ValueError(f"learner.world_size={world_size!r}: must be >= 1")
-        from distil_ray.learner.worker import check_settings
-
         # Fail in the driver, before any actor starts, on a setting every rank would reject.
-        check_settings(**{k: worker_kwargs[k] for k in ("algorithm", "backend", "dtype", "micro_batch_size")
-                          if k in worker_kwargs})
-        self.world_size = world_size
+        cfg.check()
+        algorithm.check()
+        self.world_size = cfg.world_size
         self.name = name
         actor_cls = ray.remote(LearnerActor)
         self.actors = [
-            actor_cls.options(name=f"{name}-{rank}", num_cpus=num_cpus_per_rank, num_gpus=num_gpus_per_rank).remote()
-            for rank in range(world_size)
+            actor_cls.options(name=f"{name}-{rank}", num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus).remote()
+            for rank in range(cfg.world_size)
         ]
+        options = {"temperature": temperature, "seed": seed}
         try:
             addr, port = ray.get(self.actors[0].rendezvous_address.remote(), timeout=setup_timeout_s)
             ray.get([
-                actor.setup.remote(str(model_path), dict(worker_kwargs, rank=rank, world_size=world_size,
-                                                         master_addr=addr, master_port=port))
+                actor.setup.remote(str(model_path), cfg, algorithm,
+                                   Rendezvous(rank, cfg.world_size, addr, port), options)
                 for rank, actor in enumerate(self.actors)
             ], timeout=setup_timeout_s)
         except BaseException:

@@ -28,6 +28,7 @@ import pickle
 import random
 import shutil
 import time
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -37,15 +38,25 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from distil_ray.algorithms import get_algorithm
 from distil_ray.algorithms.advantages import group_relative_advantages
+from distil_ray.config import AlgorithmConfig, LearnerConfig
 from distil_ray.learner.forward import response_logprobs
 from distil_ray.learner.packing import Batch, micro_batches, pack
 from distil_ray.records import Scored
+from distil_ray.telemetry.reduce import MetricsSum
 
-BACKENDS = ("gloo", "nccl")
-# float16 is left out on purpose: it would need loss scaling, which bfloat16 does not.
+# The compute dtypes ``learner.dtype`` names (LearnerConfig.CHOICES).
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class Rendezvous:
+    """Where this rank sits in the process group and how it finds the others."""
+
+    rank: int
+    world_size: int
+    master_addr: str
+    master_port: int
 
 
 class _PolicyCompute(nn.Module):
@@ -63,85 +74,51 @@ class _PolicyCompute(nn.Module):
         return fn(self.policy, *args)
 
 
-def check_settings(*, algorithm: str, backend: str = "gloo", dtype: str = "float32", micro_batch_size: int = 1) -> None:
-    """Raise ValueError naming the config key of the first bad setting."""
-    get_algorithm(algorithm)  # names algorithm.name and the allowed values
-    if backend not in BACKENDS:
-        raise ValueError(f"learner.backend={backend!r}: allowed values are {BACKENDS}")
-    if dtype not in DTYPES:
-        raise ValueError(f"learner.dtype={dtype!r}: allowed values are {tuple(DTYPES)}")
-    if micro_batch_size < 1:
-        raise ValueError(f"learner.micro_batch_size={micro_batch_size!r}: must be >= 1")
-
-
 def _accepts(fn: Callable, name: str) -> bool:
     params = inspect.signature(fn).parameters
     return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-
-
-def _default_of(fn: Callable, name: str, fallback):
-    p = inspect.signature(fn).parameters.get(name)
-    return fallback if p is None or p.default is inspect.Parameter.empty else p.default
 
 
 class LearnerWorker:
     def __init__(
         self,
         model_path: str,
+        cfg: LearnerConfig,
+        algorithm: AlgorithmConfig,
+        rendezvous: Rendezvous,
         *,
-        rank: int,
-        world_size: int,
-        master_addr: str,
-        master_port: int,
-        algorithm: str,
-        loss_kwargs: dict,
-        advantage_kwargs: dict | None = None,
-        lr: float = 1e-5,
-        weight_decay: float = 0.0,
-        betas=(0.9, 0.999),
-        eps: float = 1e-8,
-        warmup_steps: int = 0,
-        grad_clip: float | None = 1.0,
-        micro_batch_size: int = 8,
-        logprob_chunk_size: int = 256,
         temperature: float = 1.0,
-        topk: int | None = None,
-        backend: str = "gloo",
-        dtype: str = "float32",
         seed: int = 0,
-        num_threads: int | None = None,
-        timeout_s: float = 1800.0,
     ):
+        """``cfg``: the ``learner`` section; ``algorithm``: the ``algorithm`` section (loss and
+        advantage settings); ``temperature``: the rollouts' sampling temperature, at which the
+        learner scores the same tokens."""
         # Validate everything before joining the process group: a bad value must fail fast on
         # every rank instead of leaving the others waiting in init_process_group.
-        check_settings(algorithm=algorithm, backend=backend, dtype=dtype, micro_batch_size=micro_batch_size)
-        self.algorithm = get_algorithm(algorithm)
+        cfg.check()
+        algorithm.check()
+        rank, world_size = rendezvous.rank, rendezvous.world_size
         if not 0 <= rank < world_size:
             raise ValueError(f"rank={rank} must lie in [0, world_size={world_size})")
+        self.cfg = cfg
+        self.algorithm = algorithm.spec
         self.rank, self.world_size = rank, world_size
         self.model_path = str(model_path)
-        self.loss_kwargs = dict(loss_kwargs or {})
-        self.advantage_kwargs = dict(advantage_kwargs or {})
-        self.grad_clip = grad_clip
-        self.micro_batch_size = micro_batch_size
-        self.chunk_size = logprob_chunk_size
+        self.loss_kwargs = algorithm.loss_kwargs()
+        self.advantage_kwargs = dict(algorithm.advantages)
         self.temperature = temperature
-        self.topk = topk
         self.step = 0
         # The global denominator follows the loss's aggregation: tokens for token-mean, sequences
         # (with at least one loss token) for the per-sequence modes.
-        agg = self.loss_kwargs.get("loss_agg", _default_of(self.algorithm.loss_fn, "loss_agg", "token-mean"))
-        self.per_token_denominator = agg == "token-mean"
+        self.per_token_denominator = self.loss_kwargs.get("loss_agg", "token-mean") == "token-mean"
         # The leave-one-out baseline compares siblings within one loss call: keep groups whole.
-        baseline = self.loss_kwargs.get("baseline", _default_of(self.algorithm.loss_fn, "baseline", "none"))
-        self.whole_groups = baseline == "group"
+        self.whole_groups = self.loss_kwargs.get("baseline", "none") == "group"
 
-        if num_threads:
-            torch.set_num_threads(int(num_threads))
         random.seed(seed)
         np.random.seed(seed)
         torch.manual_seed(seed)
 
+        backend = cfg.backend
         if backend == "nccl":
             # Ray (or the launcher) exposes this rank's GPU as the only visible one.
             self.device = torch.device("cuda", torch.cuda.current_device())
@@ -150,7 +127,8 @@ class LearnerWorker:
             self.device = torch.device("cpu")
         dist.init_process_group(
             backend, rank=rank, world_size=world_size,
-            init_method=f"tcp://{master_addr}:{master_port}", timeout=timedelta(seconds=timeout_s),
+            init_method=f"tcp://{rendezvous.master_addr}:{rendezvous.master_port}",
+            timeout=timedelta(seconds=cfg.collective_timeout_s),
         )
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -161,7 +139,7 @@ class LearnerWorker:
         model = AutoModelForCausalLM.from_pretrained(self.model_path, local_files_only=True, dtype=torch.float32)
         model.to(self.device)
         model.train()
-        compute = DTYPES[dtype]
+        compute = DTYPES[cfg.dtype]
         for layer in model.get_decoder().layers:
             fully_shard(layer, mesh=self.mesh,
                         mp_policy=MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32))
@@ -175,9 +153,9 @@ class LearnerWorker:
         self.root.set_reduce_scatter_unused_params(True)
         self.model = model
         self.pad_id = self._pad_id(model)
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=tuple(betas), eps=eps,
-                                           weight_decay=weight_decay)
-        warmup = int(warmup_steps)
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas),
+                                           eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+        warmup = int(cfg.warmup_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup > 0 else 1.0)
 
@@ -213,7 +191,7 @@ class LearnerWorker:
         batches = [
             (pack(mb, pad_id=self.pad_id, topk=topk, distill_only=distill_only).to(self.device),
              torch.tensor([advantages.get(id(r), 0.0) for r in mb], dtype=torch.float32, device=self.device))
-            for mb in micro_batches(records, self.micro_batch_size, split_large_groups=not self.whole_groups)
+            for mb in micro_batches(records, self.cfg.micro_batch_size, split_large_groups=not self.whole_groups)
         ]
         counts = torch.tensor([sum(b.num_loss_tokens for b, _ in batches),
                                sum(b.num_loss_sequences for b, _ in batches)], dtype=torch.float64)
@@ -226,20 +204,12 @@ class LearnerWorker:
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum = 0.0
-        weighted: dict[str, list[float]] = {}  # key -> [Σ weight·value, Σ weight]
+        loss_metrics = MetricsSum()  # the loss's own metrics, weighted by each micro-batch's tokens
         for i in range(int(n_micro)):
             if i < len(batches):
                 batch, adv = batches[i]
                 loss, metrics = self.root(self._micro_batch_loss, batch, adv, denominator)
-                w = float(batch.num_loss_tokens)
-                for k, v in metrics.items():
-                    acc = weighted.setdefault(k, [0.0, 0.0])
-                    if k.endswith("num_tokens"):  # counts add up; everything else is a mean
-                        acc[0] += v
-                        acc[1] = 1.0
-                    else:
-                        acc[0] += w * v
-                        acc[1] += w
+                loss_metrics.add(metrics, weight=float(batch.num_loss_tokens))
             else:
                 loss = self.root(self._idle_loss)
             # FSDP averages gradients over ranks; the loss is already normalised globally.
@@ -258,14 +228,11 @@ class LearnerWorker:
         elapsed = torch.tensor([totals[1]], dtype=torch.float64)
         dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
         gathered: list[Any] = [None] * self.world_size
-        dist.all_gather_object(gathered, weighted)
+        dist.all_gather_object(gathered, loss_metrics)
         out = {"loss": float(totals[0]), "grad_norm": grad_norm, "lr": float(lr),
                "num_tokens": global_tokens, "num_sequences": global_seqs,
                "num_micro_batches": float(n_micro), "time_s": float(elapsed)}
-        for key in sorted({k for g in gathered for k in g}):
-            num = sum(g[key][0] for g in gathered if key in g)
-            den = sum(g[key][1] for g in gathered if key in g)
-            out[key] = num if key.endswith("num_tokens") else (num / den if den else 0.0)
+        out.update(MetricsSum().merge(gathered).result())
         out.update(self._rollout_metrics(rollout_sums))
         return out
 
@@ -293,9 +260,8 @@ class LearnerWorker:
         out["rollout/num_samples"] = float(sums[-1])
         return out
 
-    def _topk(self, records: Sequence[Scored]) -> int:
-        if self.topk is not None:
-            return int(self.topk)
+    @staticmethod
+    def _topk(records: Sequence[Scored]) -> int:
         ks = {int(np.shape(r.teacher_topk_ids)[1]) for r in records if np.ndim(r.teacher_topk_ids) == 2}
         # Ranks must agree on K only through the records; the smallest common K is always valid.
         return min(ks) if ks else 1
@@ -304,7 +270,7 @@ class LearnerWorker:
         algo = self.algorithm
         out = response_logprobs(
             policy, batch.input_ids, batch.attention_mask, batch.response_mask, batch.topk_ids,
-            temperature=self.temperature, chunk_size=self.chunk_size,
+            temperature=self.temperature, chunk_size=self.cfg.logprob_chunk_size,
         )
         fn, mask = algo.loss_fn, batch.response_mask
         kwargs = dict(self.loss_kwargs)
@@ -327,7 +293,7 @@ class LearnerWorker:
         ids = torch.full((1, 2), self.pad_id, dtype=torch.long, device=self.device)
         mask = torch.tensor([[0, 1]], device=self.device)
         out = response_logprobs(policy, ids, torch.ones_like(ids), mask,
-                                temperature=self.temperature, chunk_size=self.chunk_size)
+                                temperature=self.temperature, chunk_size=self.cfg.logprob_chunk_size)
         return out.token_logprobs.sum() * 0.0
 
     def _clip_gradients(self) -> float:
@@ -339,8 +305,8 @@ class LearnerWorker:
         total = torch.nn.utils.get_total_norm([p.grad for p in params], norm_type=2.0)
         if isinstance(total, DTensor):
             total = total.full_tensor()  # the per-shard norms combined into the global norm
-        if self.grad_clip is not None and self.grad_clip > 0:
-            torch.nn.utils.clip_grads_with_norm_(params, self.grad_clip, total)
+        if self.cfg.grad_clip > 0:
+            torch.nn.utils.clip_grads_with_norm_(params, self.cfg.grad_clip, total)
         return float(total)
 
     # ------------------------------------------------------------------ inference helpers
@@ -364,7 +330,7 @@ class LearnerWorker:
 
         def fn(policy):
             return response_logprobs(policy, ids, torch.ones_like(ids), mask,
-                                     temperature=self.temperature, chunk_size=self.chunk_size).token_logprobs
+                                     temperature=self.temperature, chunk_size=self.cfg.logprob_chunk_size).token_logprobs
 
         was_training = self.model.training
         self.model.eval()
@@ -486,4 +452,4 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-__all__ = ["BACKENDS", "DTYPES", "LearnerWorker", "check_settings"]
+__all__ = ["DTYPES", "LearnerWorker", "Rendezvous"]

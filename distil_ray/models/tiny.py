@@ -15,21 +15,17 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
-# Bump when anything that changes the built artefact changes (corpus, tokenizer pipeline, config
-# mapping): it is part of the cache key, so stale cached builds are never reused.
-_BUILD_VERSION = 1
+from distil_ray.models.config import (
+    ENDOFTEXT,
+    IM_END,
+    IM_START,
+    SPECIAL_TOKENS,
+    SUPPORTED_HEAD_DIMS,
+    TinyModelConfig,
+)
 
-ENDOFTEXT = "<|endoftext|>"
-IM_START = "<|im_start|>"
-IM_END = "<|im_end|>"
-SPECIAL_TOKENS = (ENDOFTEXT, IM_START, IM_END)
-
-# Head sizes the vLLM CPU attention backend has kernels for; anything else fails at serve time,
-# deep inside vLLM, so it is rejected here with a clear message instead.
-SUPPORTED_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 
 # Qwen-style ChatML.  Every turn is "<|im_start|>role\n...<|im_end|>\n"; the generation prompt
 # opens an assistant turn for the model to complete.
@@ -46,53 +42,6 @@ _QWEN_SPLIT_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-
-
-@dataclass(frozen=True)
-class TinyModelConfig:
-    """Shape of a tiny Qwen3 model and its tokenizer.  Frozen so it can key the build cache."""
-
-    # BPE target, special tokens and the 256 byte symbols included.  An upper bound: a corpus
-    # with fewer mergeable pairs gives a smaller vocabulary; the model always matches len(tokenizer).
-    vocab_size: int = 512
-    hidden_size: int = 64
-    num_layers: int = 2
-    num_heads: int = 2
-    num_kv_heads: int = 1
-    head_dim: int = 32
-    intermediate_size: int = 128
-    max_position_embeddings: int = 2048
-    # Untied: a random tied model mostly repeats its last input token, which makes greedy outputs
-    # (and any comparison between backends built on them) nearly vacuous.
-    tie_word_embeddings: bool = False
-    seed: int = 0
-    extra_corpus: tuple[str, ...] = ()
-
-    def __post_init__(self) -> None:
-        if self.head_dim not in SUPPORTED_HEAD_DIMS:
-            raise ValueError(
-                f"head_dim={self.head_dim} is not supported: the vLLM CPU attention backend only "
-                f"serves head sizes {SUPPORTED_HEAD_DIMS}; pick one of those (32 is the smallest)"
-            )
-        if self.num_heads % self.num_kv_heads != 0:
-            raise ValueError(
-                f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}"
-            )
-        n_special = len(SPECIAL_TOKENS)
-        if self.vocab_size < 256 + n_special:
-            raise ValueError(
-                f"vocab_size={self.vocab_size} must be at least {256 + n_special} "
-                "(256 byte symbols plus the special tokens)"
-            )
-        # A list would make the dataclass unhashable and its cache key order-sensitive in odd ways.
-        object.__setattr__(self, "extra_corpus", tuple(self.extra_corpus))
-
-    def cache_key(self) -> str:
-        payload = json.dumps(
-            {"build_version": _BUILD_VERSION, **dataclasses.asdict(self)},
-            sort_keys=True,
-        )
-        return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------------------------
@@ -332,6 +281,7 @@ def build_model(config: TinyModelConfig, vocab_size: int, token_ids: dict[str, i
 
 def build_tiny_model(config: TinyModelConfig, out_dir: str | os.PathLike) -> Path:
     """Build tokenizer and model for ``config`` and ``save_pretrained`` both into ``out_dir``."""
+    config.check()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(config)
@@ -361,6 +311,7 @@ def tiny_model_dir(
     loser of a race discards its copy and uses the winner's (identical, builds are deterministic).
     """
     config = config or TinyModelConfig()
+    config.check()
     root = Path(cache_root) if cache_root is not None else default_cache_root()
     final = root / "tiny_models" / f"qwen3-tiny-{config.cache_key()}"
     return cached_build(final, lambda out: build_tiny_model(config, out))

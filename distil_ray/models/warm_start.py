@@ -23,13 +23,13 @@ import os
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from distil_ray.feedback.templates import RepromptConfig, reprompt_group
+from distil_ray.models.config import WarmStartConfig
 from distil_ray.models.tiny import cached_build, default_cache_root, load_tiny
 
 __all__ = [
@@ -44,36 +44,6 @@ __all__ = [
 # Bump when the training recipe changes in a way the config does not show (loss, schedule,
 # example format): it is part of the cache key, so a stale warm start is never reused.
 _WARM_START_VERSION = 1
-
-
-@dataclass(frozen=True)
-class WarmStartConfig:
-    # Defaults tuned on the toy task with its tiny model (toy_model_config). Copying an answer
-    # out of the context forms abruptly, somewhere after 150-400 steps at this rate; 1000 steps
-    # leave the margin that makes the self-teacher reliable (~70-85 s on two cores; with 600 it
-    # was right on only ~88% of the student's failures, and DistIL then did not learn).
-    enabled: bool = True
-    steps: int = 1000
-    batch_size: int = 16
-    lr: float = 5e-3
-    seed: int = 0
-    # share of examples whose user turn is a teacher context (a sibling's solution or feedback);
-    # the rest are plain prompts. Passed to ``task.warm_start_examples``.
-    context_fraction: float = 0.6
-
-    def __post_init__(self) -> None:
-        if self.steps < 1:
-            raise ValueError(f"warm_start.steps={self.steps}: must be at least 1")
-        if self.batch_size < 1:
-            raise ValueError(
-                f"warm_start.batch_size={self.batch_size}: must be at least 1"
-            )
-        if not self.lr > 0:
-            raise ValueError(f"warm_start.lr={self.lr}: must be positive")
-        if not 0.0 <= self.context_fraction <= 1.0:
-            raise ValueError(
-                f"warm_start.context_fraction={self.context_fraction}: must lie in [0, 1]"
-            )
 
 
 def _task_config(task) -> dict[str, Any]:
@@ -116,6 +86,7 @@ def warm_start_dir(
     base = Path(base_model_dir)
     if not cfg.enabled:
         return base
+    cfg.check()
     root = Path(cache_root) if cache_root is not None else default_cache_root()
     final = root / "warm_start" / f"{base.name}-{task.name}-{cache_key(base, task, cfg)}"
 

@@ -1,8 +1,8 @@
-"""RolloutWorker: one generation engine behind a Ray actor, streaming Rollout records.
+"""RolloutWorker: one engine (``distil_ray.engines``) behind a Ray actor, streaming Rollout records.
 
 A plain class (tests drive it directly); the driver makes it an actor with
 ``ray.remote(RolloutWorker).options(name=..., num_cpus=...)`` and reads rollouts as they complete
-with ``worker.generate.options(num_returns="streaming").remote(prompts, sampling, version)``.
+with ``worker.stream.options(num_returns="streaming").remote(prompts, sampling, version)``.
 """
 
 from __future__ import annotations
@@ -12,46 +12,25 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from distil_ray.config import RolloutConfig
+from distil_ray.engines import EngineOptions, SamplingConfig, build_engine
+from distil_ray.engines.base import as_tensor, configure_threads, strip_stop_text
 from distil_ray.records import Prompt, Rollout
-from distil_ray.rollout.engine import (
-    ENGINES,
-    SamplingConfig,
-    as_tensor,
-    configure_threads,
-    strip_stop_text,
-)
-
-
-def build_engine(model_path: str, engine: str, engine_kwargs: dict | None = None):
-    kwargs = dict(engine_kwargs or {})
-    if engine == "vllm":
-        from distil_ray.rollout.vllm_engine import VLLMEngine
-
-        return VLLMEngine(model_path, **kwargs)
-    if engine == "hf":
-        from distil_ray.rollout.hf_engine import HFEngine
-
-        return HFEngine(model_path, **kwargs)
-    raise ValueError(f"rollout.engine={engine!r} is not one of {ENGINES}")
 
 
 class RolloutWorker:
-    def __init__(
-        self,
-        model_path: str,
-        *,
-        engine: str = "vllm",
-        engine_kwargs: dict | None = None,
-        num_threads: int | None = None,
-    ):
-        if engine not in ENGINES:  # before any thread or model set-up
-            raise ValueError(f"rollout.engine={engine!r} is not one of {ENGINES}")
+    def __init__(self, model_path: str, cfg: RolloutConfig, *, dtype: str = "float32", seed: int = 0):
+        """``cfg``: the ``rollout`` section (engine, KV cache, batch size); ``dtype``/``seed``: the
+        model's compute dtype and the run's seed."""
+        cfg.check()  # before any thread or model set-up
         from transformers import AutoTokenizer
 
         # Threads first: the vLLM CPU worker disables torch.set_num_threads once it is built.
-        self.num_threads = configure_threads(num_threads)
-        self.engine_name = engine
-        self.engine = build_engine(model_path, engine, engine_kwargs)
+        self.num_threads = configure_threads(None)
+        self.engine_name = cfg.engine
+        options = EngineOptions(dtype=dtype, seed=seed, kv_cache_memory_bytes=cfg.kv_cache_memory_bytes,
+                                max_num_seqs=cfg.max_num_seqs)
+        self.engine = build_engine(cfg.engine, model_path, options)
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
         self._version = 0
 

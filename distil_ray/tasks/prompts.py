@@ -16,16 +16,7 @@ def to_prompts(examples: Sequence[TaskExample], tokenizer) -> list[Prompt]:
     prompts = []
     for ex in examples:
         ids = tokenizer.apply_chat_template(ex.messages, add_generation_prompt=True, return_dict=False)
-        prompts.append(
-            Prompt(
-                uid=ex.uid,
-                task=ex.task,
-                messages=ex.messages,
-                prompt_ids=np.asarray(ids, dtype=np.int32),
-                reference=ex.reference,
-                meta=ex.meta,
-            )
-        )
+        prompts.append(Prompt(ex, np.asarray(ids, dtype=np.int32)))
     return prompts
 
 

@@ -17,73 +17,31 @@ from typing import Any
 
 import numpy as np
 
-from distil_ray.feedback.templates import (
-    RepromptConfig,
-    TeacherContext,
-    reference_solution_context,
-    reprompt_group,
-)
+from distil_ray.config import TeacherConfig
+from distil_ray.engines import EngineOptions, build_engine
+from distil_ray.engines.base import as_tensor, configure_threads
+from distil_ray.feedback.templates import TeacherContext, reference_solution_context, reprompt_group
 from distil_ray.records import Graded, Prompt, Scored
-from distil_ray.rollout.engine import as_tensor, configure_threads
-
-BACKENDS = ("vllm", "hf")
-CONTEXTS = ("reprompt", "reference_solution")
-# How the teacher's weights follow the learner's: "current" (the policy itself, synced every step),
-# "ema" (an exponential moving average of the policy, SDPO's teacher_update_rate) or "fixed" (the
-# initial policy, OPSD's --fixed_teacher; the driver then never syncs it).
-UPDATES = ("current", "ema", "fixed")
-
-
-def build_teacher_backend(model_path: str, backend: str, backend_kwargs: dict | None = None):
-    kwargs = dict(backend_kwargs or {})
-    if backend == "vllm":
-        from distil_ray.teacher.vllm import VLLMTeacher
-
-        return VLLMTeacher(model_path, **kwargs)
-    if backend == "hf":
-        from distil_ray.teacher.vllm import HFTeacher
-
-        return HFTeacher(model_path, **kwargs)
-    raise ValueError(f"teacher.backend={backend!r} is not one of {BACKENDS}")
 
 
 class TeacherScorer:
-    def __init__(
-        self,
-        model_path: str,
-        *,
-        backend: str = "vllm",
-        topk: int = 20,
-        context: str = "reprompt",
-        reprompt: dict | None = None,
-        backend_kwargs: dict | None = None,
-        num_threads: int | None = None,
-        max_context_tokens: int | None = None,
-        update: str = "current",
-        ema_rate: float = 0.05,
-    ):
-        if backend not in BACKENDS:
-            raise ValueError(f"teacher.backend={backend!r} is not one of {BACKENDS}")
-        if context not in CONTEXTS:
-            raise ValueError(f"teacher.context={context!r} is not one of {CONTEXTS}")
-        if topk < 1:
-            raise ValueError(f"teacher.topk={topk!r}: must be >= 1")
-        if update not in UPDATES:
-            raise ValueError(f"teacher.update={update!r} is not one of {UPDATES}")
-        if not 0.0 < ema_rate <= 1.0:
-            raise ValueError(f"teacher.ema_rate={ema_rate!r}: must lie in (0, 1]")
-        self.update, self.ema_rate, self.model_path = update, float(ema_rate), model_path
+    def __init__(self, model_path: str, cfg: TeacherConfig, *, dtype: str = "float32", seed: int = 0):
+        """``cfg``: the ``teacher`` section (backend, context, top-k, how its weights follow the
+        policy); ``dtype``/``seed``: the model's compute dtype and the run's seed."""
+        cfg.check()
+        self.cfg = cfg
+        self.model_path = model_path
         self._ema: dict[str, np.ndarray] | None = None
         from transformers import AutoTokenizer
 
-        self.reprompt = RepromptConfig(**(reprompt or {}))
-        self.context = context
-        self.topk = int(topk)
         # Threads first: a vLLM CPU backend disables torch.set_num_threads once it is built.
-        self.num_threads = configure_threads(num_threads)
-        self.backend_name = backend
-        self.backend = build_teacher_backend(model_path, backend, backend_kwargs)
+        self.num_threads = configure_threads(None)
+        # vLLM sizes its log-prob buffers by max_logprobs; 20 is its own default
+        options = EngineOptions(dtype=dtype, seed=seed, kv_cache_memory_bytes=cfg.kv_cache_memory_bytes,
+                                max_logprobs=max(cfg.topk, 20))
+        self.engine = build_engine(cfg.backend, model_path, options)
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
+        max_context_tokens = cfg.max_context_tokens
         if max_context_tokens is None:
             from transformers import AutoConfig
 
@@ -99,7 +57,7 @@ class TeacherScorer:
     # ----------------------------------------------------------------------------------------
 
     def _contexts(self, prompt: Prompt, graded: list[Graded]) -> list[TeacherContext]:
-        if self.context == "reference_solution":
+        if self.cfg.context == "reference_solution":
             solution = (prompt.reference or {}).get("solution")
             return [reference_solution_context(prompt.messages, solution)] * len(graded)
         return reprompt_group(
@@ -107,7 +65,7 @@ class TeacherScorer:
             [g.text for g in graded],
             [float(g.reward) for g in graded],
             [g.feedback or None for g in graded],
-            self.reprompt,
+            self.cfg.reprompt,
         )
 
     def teacher_prompt_ids(self, ctx: TeacherContext) -> list[int]:
@@ -126,7 +84,7 @@ class TeacherScorer:
             if g.prompt_uid != prompt.uid:
                 raise ValueError(f"rollout of prompt {g.prompt_uid!r} passed in the group of prompt {prompt.uid!r}")
         contexts = self._contexts(prompt, graded)
-        k = self.topk
+        k = self.cfg.topk
         teacher_prompts, responses, which = [], [], []
         self._last_contexts = [None] * len(graded)
         too_long = set()
@@ -143,7 +101,7 @@ class TeacherScorer:
                 which.append(i)
                 self._last_contexts[i] = tp + response
         start = time.perf_counter()
-        scores = self.backend.score(teacher_prompts, responses, k) if which else []
+        scores = self.engine.score_topk(teacher_prompts, responses, k) if which else []
         self._stats["score_seconds"] += time.perf_counter() - start
         by_index = dict(zip(which, scores))
 
@@ -190,9 +148,9 @@ class TeacherScorer:
         """Load the policy's new weights (``update="current"``) or move the EMA teacher towards
         them: θ_T ← (1 − rate)·θ_T + rate·θ (``update="ema"``). A fixed teacher ignores them."""
         start = time.perf_counter()
-        if self.update == "fixed":
+        if self.cfg.update == "fixed":
             return 0.0
-        if self.update == "ema":
+        if self.cfg.update == "ema":
             if self._ema is None:
                 self._ema = _checkpoint_state(self.model_path)
             for name, value in state.items():
@@ -200,10 +158,10 @@ class TeacherScorer:
                 if ema is None:  # not in the checkpoint files (e.g. a tied head): start from the policy
                     self._ema[name] = np.array(value, dtype=np.float32)
                 else:
-                    ema *= 1.0 - self.ema_rate
-                    ema += self.ema_rate * np.asarray(value, dtype=np.float32)
+                    ema *= 1.0 - self.cfg.ema_rate
+                    ema += self.cfg.ema_rate * np.asarray(value, dtype=np.float32)
             state = {name: self._ema[name] for name in state}
-        self.backend.load_weights((name, as_tensor(value)) for name, value in state.items())
+        self.engine.load_weights((name, as_tensor(value)) for name, value in state.items())
         self._version = int(version)
         return time.perf_counter() - start
 
@@ -219,14 +177,14 @@ class TeacherScorer:
         from safetensors.numpy import load_file
 
         self._ema = {k: v.astype(np.float32) for k, v in load_file(path).items()}
-        self.backend.load_weights((name, as_tensor(value)) for name, value in self._ema.items())
+        self.engine.load_weights((name, as_tensor(value)) for name, value in self._ema.items())
         self._version = int(version)
 
     def version(self) -> int:
         return self._version
 
     def sequence_logprobs(self, prompt_ids: list[int], response_ids: list[int]) -> list[float]:
-        return self.backend.sequence_logprobs([int(t) for t in prompt_ids], [int(t) for t in response_ids])
+        return self.engine.sequence_logprobs([int(t) for t in prompt_ids], [int(t) for t in response_ids])
 
     def stats(self) -> dict[str, Any]:
         return dict(self._stats)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import ray
 
+from distil_ray.config import FeedbackConfig, TaskConfig
 from distil_ray.feedback.pool import FeedbackPool, Grader
 from distil_ray.records import Graded, Rollout
 from distil_ray.tasks import get_task
@@ -40,7 +41,7 @@ def test_grader_without_ray_fills_the_graded_record():
     task = get_task("sciknoweval", data_dir=SKE, domains=["chemistry"])
     example = task.load("test")[0]
     answer = example.reference["answer"]
-    graded = Grader("sciknoweval", {"data_dir": str(SKE), "domains": ["chemistry"]}).grade(
+    graded = Grader(TaskConfig("sciknoweval", {"data_dir": str(SKE), "domains": ["chemistry"]})).grade(
         example, rollout(f"<answer>{answer}</answer>")
     )
     assert isinstance(graded, Graded) and graded.correct and graded.reward == 1.0
@@ -51,12 +52,13 @@ def test_pool_matches_in_process_grading_and_actors_are_named(ray_cluster):
     task_kwargs = {"data_dir": str(SKE), "domains": ["physics"]}
     examples = get_task("sciknoweval", **task_kwargs).load("test")[:6]
     rollouts = [rollout(f"<answer>{letter}</answer>", i) for i, letter in enumerate("ABCDAB")]
-    pool = FeedbackPool("sciknoweval", task_kwargs, num_workers=2, num_cpus=0.5, name="feedback-ske")
+    pool = FeedbackPool(TaskConfig("sciknoweval", task_kwargs), FeedbackConfig(num_workers=2, num_cpus=0.5),
+                        name="feedback-ske")
     try:
         names = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)}
         assert {"feedback-ske-0", "feedback-ske-1"} <= names
         pooled = pool.grade_all(zip(examples, rollouts))
-        local = Grader("sciknoweval", task_kwargs)
+        local = Grader(TaskConfig("sciknoweval", task_kwargs))
         expected = [local.grade(e, r) for e, r in zip(examples, rollouts)]
         assert [(g.reward, g.correct, g.feedback, g.answer, g.sample_index) for g in pooled] == [
             (g.reward, g.correct, g.feedback, g.answer, g.sample_index) for g in expected
@@ -69,9 +71,8 @@ def test_pool_matches_in_process_grading_and_actors_are_named(ray_cluster):
 def test_slow_program_does_not_hold_up_the_others(ray_cluster):
     record = json.loads(LCB_RECORDS.read_text().splitlines()[0])
     example_ref = ray.put(example_from_record(record, "test"))  # one copy shared by every sample
-    pool = FeedbackPool(
-        "livecodebench", {"timeout_s": 3.0, "stop_on_first_failure": True}, num_workers=2, name="feedback-lcb"
-    )
+    task = TaskConfig("livecodebench", {"timeout_s": 3.0, "stop_on_first_failure": True})
+    pool = FeedbackPool(task, FeedbackConfig(num_workers=2), name="feedback-lcb")
     try:
         pool.submit(example_ref, rollout(code(LOOPS_FOREVER), 0))
         for i in range(1, 4):
@@ -89,4 +90,4 @@ def test_slow_program_does_not_hold_up_the_others(ray_cluster):
 
 def test_bad_pool_size_names_the_key():
     with pytest.raises(ValueError, match="feedback.num_workers"):
-        FeedbackPool("sciknoweval", num_workers=0)
+        FeedbackPool(TaskConfig("sciknoweval"), FeedbackConfig(num_workers=0))

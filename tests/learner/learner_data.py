@@ -16,7 +16,7 @@ from distil_ray.algorithms.advantages import group_relative_advantages
 from distil_ray.learner.forward import response_logprobs
 from distil_ray.learner.packing import pack
 from distil_ray.records import Graded, Rollout, Scored
-from distil_ray.teacher.hf import score_topk
+from distil_ray.engines.hf import score_topk
 
 
 def make_records(model, tokenizer, *, n_prompts=4, samples=4, k=8, seed=0, min_len=3, max_len=12,

@@ -12,6 +12,7 @@ import pytest
 import ray
 import torch
 
+from distil_ray.config import AlgorithmConfig, LearnerConfig
 from distil_ray.learner.group import LearnerGroup
 from distil_ray.learner.packing import sequence_length, split_groups
 from distil_ray.models import load_tiny, tiny_model_dir
@@ -33,9 +34,17 @@ def data():
     return path, tok, first, second
 
 
+def learner_config(**kwargs) -> LearnerConfig:
+    return LearnerConfig(world_size=2, num_cpus=0.5, micro_batch_size=2, lr=STEP["lr"], adam_eps=STEP["eps"],
+                         weight_decay=STEP["weight_decay"], grad_clip=STEP["grad_clip"], **kwargs)
+
+
+def algorithm_config(algorithm, loss_kwargs, advantage_kwargs=None) -> AlgorithmConfig:
+    return AlgorithmConfig(algorithm, dict(loss_kwargs), dict(advantage_kwargs or {}))
+
+
 def new_group(path, name):
-    return LearnerGroup(str(path), world_size=2, name=name, num_cpus_per_rank=0.5, micro_batch_size=2,
-                        warmup_steps=WARMUP, num_threads=1, **ALGO, **STEP)
+    return LearnerGroup(str(path), learner_config(warmup_steps=WARMUP), algorithm_config(**ALGO), name=name)
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +146,7 @@ def test_rank_without_records_joins_with_idle_micro_batches(ray_cluster, data):
                  if r.prompt_uid == records[0].prompt_uid]  # one success: a non-zero advantage
     assert [len(s) for s in split_groups(one_group, 2)] == [3, 0]
     algo = dict(algorithm="grpo", loss_kwargs={"clip_eps_low": 0.2}, advantage_kwargs={"normalize_std": True})
-    g = LearnerGroup(str(path), world_size=2, name="learner-idle", micro_batch_size=2, num_threads=1, **algo, **STEP)
+    g = LearnerGroup(str(path), learner_config(), algorithm_config(**algo), name="learner-idle")
     try:
         metrics = g.train_step(one_group)
         state = ray.get(g.state_dict_ref())
@@ -154,8 +163,8 @@ def test_rank_without_records_joins_with_idle_micro_batches(ray_cluster, data):
 
 def test_bad_settings_fail_in_the_driver_before_any_actor_starts():
     with pytest.raises(ValueError, match=r"algorithm\.name"):
-        LearnerGroup("unused", world_size=2, algorithm="ppo", loss_kwargs={})
+        LearnerGroup("unused", LearnerConfig(), AlgorithmConfig("ppo"))
     with pytest.raises(ValueError, match=r"learner\.dtype"):
-        LearnerGroup("unused", world_size=2, algorithm="sft", loss_kwargs={}, dtype="float16")
+        LearnerGroup("unused", LearnerConfig(dtype="float16"), AlgorithmConfig("sft"))
     with pytest.raises(ValueError, match=r"learner\.world_size"):
-        LearnerGroup("unused", world_size=0, algorithm="sft", loss_kwargs={})
+        LearnerGroup("unused", LearnerConfig(world_size=0), AlgorithmConfig("sft"))

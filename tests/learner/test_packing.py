@@ -15,7 +15,7 @@ from distil_ray.learner.packing import (
 )
 from distil_ray.models import load_tiny, tiny_model_dir
 from distil_ray.records import Scored
-from distil_ray.teacher.hf import score_topk
+from distil_ray.engines.hf import score_topk
 
 PAD = 1
 

@@ -11,12 +11,20 @@ import socket
 import numpy as np
 import pytest
 
-from distil_ray.learner.worker import LearnerWorker
+from distil_ray.config import AlgorithmConfig, LearnerConfig
+from distil_ray.learner.worker import LearnerWorker, Rendezvous
 from distil_ray.models import load_tiny, tiny_model_dir
 
 from .learner_data import make_records, reference_step
 
 STEP = dict(lr=1e-2, eps=1.0, weight_decay=0.01, grad_clip=1.0)
+
+
+def new_worker(path, algorithm, loss_kwargs=None, advantage_kwargs=None, **learner):
+    cfg = LearnerConfig(lr=STEP["lr"], adam_eps=STEP["eps"], weight_decay=STEP["weight_decay"],
+                        grad_clip=STEP["grad_clip"], world_size=1, **learner)
+    algo = AlgorithmConfig(algorithm, dict(loss_kwargs or {}), dict(advantage_kwargs or {}))
+    return LearnerWorker(str(path), cfg, algo, Rendezvous(0, 1, "127.0.0.1", free_port()))
 
 
 def free_port() -> int:
@@ -47,9 +55,7 @@ CASES = [
 @pytest.mark.parametrize("algorithm,loss_kwargs,advantage_kwargs", CASES, ids=[c[0] for c in CASES])
 def test_micro_batched_step_equals_one_full_batch_step(setup, algorithm, loss_kwargs, advantage_kwargs):
     path, tok, records = setup
-    worker = LearnerWorker(str(path), rank=0, world_size=1, master_addr="127.0.0.1", master_port=free_port(),
-                           algorithm=algorithm, loss_kwargs=loss_kwargs, advantage_kwargs=advantage_kwargs,
-                           micro_batch_size=2, **STEP)
+    worker = new_worker(path, algorithm, loss_kwargs, advantage_kwargs, micro_batch_size=2)
     try:
         metrics = worker.train_step(records)
         state = worker.state_dict_numpy()
@@ -71,14 +77,14 @@ def test_micro_batched_step_equals_one_full_batch_step(setup, algorithm, loss_kw
     assert np.isfinite(metrics["loss"]) and metrics["lr"] == STEP["lr"]
 
 
-@pytest.mark.parametrize("key,value,name", [("algorithm", "ppo", "algorithm.name"),
-                                            ("backend", "mpi", "learner.backend"),
-                                            ("dtype", "float8", "learner.dtype")])
-def test_bad_settings_name_the_key(key, value, name):
-    kwargs = dict(rank=0, world_size=1, master_addr="127.0.0.1", master_port=1, algorithm="distil", loss_kwargs={})
-    kwargs[key] = value
+@pytest.mark.parametrize("section,key,value,name", [("algorithm", "name", "ppo", "algorithm.name"),
+                                                    ("learner", "backend", "mpi", "learner.backend"),
+                                                    ("learner", "dtype", "float8", "learner.dtype")])
+def test_bad_settings_name_the_key(section, key, value, name):
+    cfg, algo = LearnerConfig(world_size=1), AlgorithmConfig("distil")
+    setattr(cfg if section == "learner" else algo, key, value)
     with pytest.raises(ValueError, match=name.replace(".", r"\.")):
-        LearnerWorker(str(tiny_model_dir()), **kwargs)
+        LearnerWorker(str(tiny_model_dir()), cfg, algo, Rendezvous(0, 1, "127.0.0.1", 1))
 
 
 @pytest.mark.timeout(240)
@@ -86,8 +92,7 @@ def test_bfloat16_compute_keeps_float32_master_weights(setup):
     path, tok, records = setup
     results = {}
     for dtype in ("float32", "bfloat16"):
-        worker = LearnerWorker(str(path), rank=0, world_size=1, master_addr="127.0.0.1", master_port=free_port(),
-                               algorithm="ce", loss_kwargs={}, micro_batch_size=8, dtype=dtype, **STEP)
+        worker = new_worker(path, "ce", micro_batch_size=8, dtype=dtype)
         try:
             results[dtype] = worker.train_step(records), worker.state_dict_numpy()
         finally:

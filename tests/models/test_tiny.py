@@ -220,14 +220,14 @@ def test_forward_and_generate(loaded):
 @pytest.mark.parametrize("head_dim", [16, 48])
 def test_unsupported_head_dim_is_rejected(head_dim):
     with pytest.raises(ValueError, match=rf"head_dim={head_dim} is not supported.*vLLM CPU"):
-        TinyModelConfig(head_dim=head_dim)
+        TinyModelConfig(head_dim=head_dim).check()
 
 
 def test_other_config_validation():
     with pytest.raises(ValueError, match="num_kv_heads"):
-        TinyModelConfig(num_heads=3, num_kv_heads=2)
+        TinyModelConfig(num_heads=3, num_kv_heads=2).check()
     with pytest.raises(ValueError, match="vocab_size"):
-        TinyModelConfig(vocab_size=100)
+        TinyModelConfig(vocab_size=100).check()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from distil_ray.models.warm_start import (
 )
 from distil_ray.tasks.toy import ToyTask, toy_model_config
 
-FAST = WarmStartConfig(steps=3, batch_size=4, lr=1e-3)
+FAST = WarmStartConfig(enabled=True, steps=3, batch_size=4, lr=1e-3)
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +59,7 @@ def test_cached_build_is_reused_and_keyed_by_every_config(
     other_cfg = warm_start_dir(
         base_dir,
         task,
-        WarmStartConfig(steps=3, batch_size=4, lr=2e-3),
+        WarmStartConfig(enabled=True, steps=3, batch_size=4, lr=2e-3),
         cache_root=tmp_path,
     )
     other_task = warm_start_dir(
@@ -90,9 +90,9 @@ def test_training_is_deterministic(base_dir):
 
 def test_bad_config_and_task_are_named():
     with pytest.raises(ValueError, match="warm_start.steps"):
-        WarmStartConfig(steps=0)
+        WarmStartConfig(steps=0).check()
     with pytest.raises(ValueError, match="warm_start.context_fraction"):
-        WarmStartConfig(context_fraction=1.5)
+        WarmStartConfig(context_fraction=1.5).check()
 
     class NoWarmStart:
         name = "plain"
@@ -116,7 +116,7 @@ def test_real_warm_start_gives_a_teacher_better_than_its_student(tmp_path):
     task = ToyTask()
     base = tiny_model_dir(toy_model_config(task), cache_root=tmp_path)
     result = evaluate_student_and_teacher(
-        warm_start_dir(base, task, WarmStartConfig(), cache_root=tmp_path), task
+        warm_start_dir(base, task, WarmStartConfig(enabled=True), cache_root=tmp_path), task
     )
     assert 0.05 <= result["student_accuracy"] <= 0.5, result
     # measured: student 0.27, self-teacher 1.00 (also 1.00 on the student's 93 failures)

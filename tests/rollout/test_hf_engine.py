@@ -6,10 +6,13 @@ import pytest
 import torch
 
 from distil_ray.models import load_tiny, tiny_model_dir
+from distil_ray.config import RolloutConfig
+from distil_ray.engines import SamplingConfig
+from distil_ray.engines.base import sample_seed, stop_cut, strip_stop_text
+from distil_ray.engines.hf import HFEngine
 from distil_ray.records import Prompt
-from distil_ray.rollout import RolloutWorker, SamplingConfig
-from distil_ray.rollout.engine import sample_seed, stop_cut, strip_stop_text
-from distil_ray.rollout.hf_engine import HFEngine
+from distil_ray.rollout import RolloutWorker
+from distil_ray.tasks.base import TaskExample
 
 QUESTIONS = ["What is 2 + 3?", "Say hi.", "Name a colour.", "How many days are in a week?"]
 
@@ -116,9 +119,9 @@ def test_helpers():
 def test_worker_records_and_unknown_engine(prompts, reference):
     _, tok = reference
     with pytest.raises(ValueError, match=r"rollout\.engine.*'vllm', 'hf'"):
-        RolloutWorker(str(tiny_model_dir()), engine="sglang")
-    worker = RolloutWorker(str(tiny_model_dir()), engine="hf", num_threads=1)
-    recs = [Prompt(f"p{i}", "toy", [], np.asarray(p, np.int32)) for i, p in enumerate(prompts[:2])]
+        RolloutWorker(str(tiny_model_dir()), RolloutConfig(engine="sglang"))
+    worker = RolloutWorker(str(tiny_model_dir()), RolloutConfig(engine="hf"))
+    recs = [Prompt(TaskExample(f"p{i}", "toy", [], {}), np.asarray(p, np.int32)) for i, p in enumerate(prompts[:2])]
     rollouts = list(worker.generate(recs, SamplingConfig(n=2, temperature=1.0, max_new_tokens=6, seed=0), policy_version=7))
     assert sorted((r.prompt_uid, r.sample_index) for r in rollouts) == [("p0", 0), ("p0", 1), ("p1", 0), ("p1", 1)]
     for r in rollouts:

@@ -10,9 +10,12 @@ import ray
 import torch
 
 from distil_ray.models import tiny_model_dir
+from distil_ray.config import RolloutConfig
+from distil_ray.engines import SamplingConfig
+from distil_ray.engines.hf import HFEngine
 from distil_ray.records import Prompt
-from distil_ray.rollout import RolloutWorker, SamplingConfig
-from distil_ray.rollout.hf_engine import HFEngine
+from distil_ray.rollout import RolloutWorker
+from distil_ray.tasks.base import TaskExample
 
 # skipped only where vLLM is not installed at all: an installed vLLM that fails to import (e.g. a
 # broken torchvision beside CPU torch) must fail these tests, not hide behind a skip
@@ -28,7 +31,7 @@ QUESTIONS = ["What is 2 + 3?", "Say hi.", "Name a colour.", "How many days are i
 @pytest.fixture(scope="module")
 def worker(ray_cluster):
     actor = ray.remote(RolloutWorker).options(name="rollout-test-0", num_cpus=0.5)
-    handle = actor.remote(str(tiny_model_dir()), engine="vllm", engine_kwargs={"kv_cache_memory_bytes": 64 << 20}, num_threads=1)
+    handle = actor.remote(str(tiny_model_dir()), RolloutConfig(engine="vllm", kv_cache_memory_bytes=64 << 20))
     assert ray.get(handle.version.remote(), timeout=240) == 0
     return handle
 
@@ -42,7 +45,7 @@ def hf():
 def prompts(hf):
     tok = hf.tokenizer
     return [
-        Prompt(f"p{i}", "toy", [{"role": "user", "content": q}],
+        Prompt(TaskExample(f"p{i}", "toy", [{"role": "user", "content": q}], {}),
                np.asarray(tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, return_dict=False), np.int32))
         for i, q in enumerate(QUESTIONS)
     ]

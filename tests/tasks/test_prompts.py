@@ -1,11 +1,12 @@
 import numpy as np
 
 from distil_ray.records import Prompt
+from distil_ray.tasks.base import TaskExample
 from distil_ray.tasks.prompts import PromptStream
 
 
 def _prompts(n):
-    return [Prompt(f"p{i}", "toy", [], np.zeros(1, np.int32)) for i in range(n)]
+    return [Prompt(TaskExample(f"p{i}", "toy", [], {}), np.zeros(1, np.int32)) for i in range(n)]
 
 
 def test_every_prompt_once_per_epoch_and_reshuffled():

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from distil_ray.models import TinyModelConfig, build_tiny_model, load_tiny
-from distil_ray.teacher.hf import score_topk
+from distil_ray.engines.hf import score_topk
 
 
 @pytest.fixture(scope="module")

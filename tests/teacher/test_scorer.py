@@ -7,8 +7,10 @@ import pytest
 
 from distil_ray.feedback.templates import RepromptConfig, reprompt_group
 from distil_ray.models import load_tiny, tiny_model_dir
+from distil_ray.config import TeacherConfig
+from distil_ray.engines.hf import score_topk
 from distil_ray.records import Graded, Prompt, Rollout
-from distil_ray.teacher.hf import score_topk
+from distil_ray.tasks.base import TaskExample
 from distil_ray.teacher.scorer import TeacherScorer
 
 K = 5
@@ -17,7 +19,7 @@ MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "conten
 
 @pytest.fixture(scope="module")
 def scorer():
-    return TeacherScorer(str(tiny_model_dir()), backend="hf", topk=K, num_threads=1)
+    return TeacherScorer(str(tiny_model_dir()), TeacherConfig(backend="hf", topk=K))
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +29,7 @@ def tok():
 
 def make_prompt(tok, reference=None):
     ids = tok.apply_chat_template(MESSAGES, add_generation_prompt=True, return_dict=False)
-    return Prompt("q1", "toy", MESSAGES, np.asarray(ids, np.int32), reference=reference or {})
+    return Prompt(TaskExample("q1", "toy", MESSAGES, reference or {}), np.asarray(ids, np.int32))
 
 
 def graded(tok, i, text, reward, feedback=""):
@@ -63,7 +65,7 @@ def test_reprompt_group_contexts_masks_and_demonstrations(scorer, tok):
         prompt_part = tok.decode(ctx[:-T])
         assert "Correct solution" in prompt_part and prompt_part.endswith("<|im_start|>assistant\n")
         # equal to a direct forward on exactly that sequence
-        (ref,) = score_topk(scorer.backend.model, [ctx[:-T]], [ctx[-T:]], K)
+        (ref,) = score_topk(scorer.engine.model, [ctx[:-T]], [ctx[-T:]], K)
         np.testing.assert_array_equal(s.teacher_topk_ids, ref.topk_ids.numpy())
         np.testing.assert_allclose(s.teacher_topk_logprobs, ref.topk_logprobs.numpy(), atol=1e-6)
         np.testing.assert_allclose(s.teacher_token_logprobs, ref.token_logprobs.numpy(), atol=1e-6)
@@ -100,7 +102,7 @@ def test_a_lone_success_is_never_its_own_demonstration(scorer, tok):
 
 
 def test_reference_solution_context(tok):
-    scorer = TeacherScorer(str(tiny_model_dir()), backend="hf", topk=3, context="reference_solution", num_threads=1)
+    scorer = TeacherScorer(str(tiny_model_dir()), TeacherConfig(backend="hf", topk=3, context="reference_solution"))
     group = [graded(tok, 0, "6", 0.0)]
     (s,) = scorer.score_group(make_prompt(tok, {"solution": "2 + 3 = 5"}), group)
     assert s.distill_mask and s.demonstration is None
@@ -111,7 +113,7 @@ def test_reference_solution_context(tok):
 
 def test_update_weights_and_errors(scorer, tok):
     prompt_ids, response = [1, 5, 6, 7], [8, 9, 10]
-    head = scorer.backend.model.lm_head.weight.detach().clone()
+    head = scorer.engine.model.lm_head.weight.detach().clone()
     try:
         assert scorer.update_weights({"lm_head.weight": np.zeros(tuple(head.shape), np.float32)}, 4) >= 0
         assert scorer.version() == 4
@@ -119,9 +121,9 @@ def test_update_weights_and_errors(scorer, tok):
     finally:
         scorer.update_weights({"lm_head.weight": head.numpy()}, 5)
     with pytest.raises(ValueError, match=r"teacher\.backend.*'vllm', 'hf'"):
-        TeacherScorer(str(tiny_model_dir()), backend="http")
+        TeacherScorer(str(tiny_model_dir()), TeacherConfig(backend="http"))
     with pytest.raises(ValueError, match=r"teacher\.context.*'reprompt', 'reference_solution'"):
-        TeacherScorer(str(tiny_model_dir()), backend="hf", context="oracle")
+        TeacherScorer(str(tiny_model_dir()), TeacherConfig(backend="hf", context="oracle"))
     other = graded(tok, 0, "x", 1.0)
     other.prompt_uid = "q2"
     with pytest.raises(ValueError, match="q2"):
@@ -134,7 +136,7 @@ def test_ema_teacher_moves_a_fraction_of_the_way_and_fixed_teacher_stays():
     import torch
 
     from distil_ray.models import load_tiny, tiny_model_dir
-    from distil_ray.rollout.hf_engine import forward_logprobs
+    from distil_ray.engines.hf import forward_logprobs
     from distil_ray.teacher.scorer import TeacherScorer
 
     path = str(tiny_model_dir())
@@ -143,13 +145,13 @@ def test_ema_teacher_moves_a_fraction_of_the_way_and_fixed_teacher_stays():
     gen = torch.Generator().manual_seed(0)
     policy = [{k: v + 0.05 * torch.randn(v.shape, generator=gen).numpy() for k, v in start.items()} for _ in range(2)]
 
-    ema = TeacherScorer(path, backend="hf", update="ema", ema_rate=0.25)
-    fixed = TeacherScorer(path, backend="hf", update="fixed")
+    ema = TeacherScorer(path, TeacherConfig(backend="hf", update="ema", ema_rate=0.25))
+    fixed = TeacherScorer(path, TeacherConfig(backend="hf", update="fixed"))
     for version, state in enumerate(policy, start=1):
         ema.update_weights(state, version)
         fixed.update_weights(state, version)
     expected = {k: 0.75 * (0.75 * start[k] + 0.25 * policy[0][k]) + 0.25 * policy[1][k] for k in start}
-    held = ema.backend.model.state_dict()
+    held = ema.engine.model.state_dict()
     for k in start:
         np.testing.assert_allclose(held[k].numpy(), expected[k], rtol=0, atol=1e-6)
     # the scores come from those weights
@@ -159,8 +161,8 @@ def test_ema_teacher_moves_a_fraction_of_the_way_and_fixed_teacher_stays():
     np.testing.assert_allclose(ema.sequence_logprobs(prompt, response), forward_logprobs(reference, prompt, response), atol=1e-5)
     assert ema.version() == 2
     # a fixed teacher never moved
-    for k, v in fixed.backend.model.state_dict().items():
+    for k, v in fixed.engine.model.state_dict().items():
         np.testing.assert_array_equal(v.numpy(), start[k])
     assert fixed.version() == 0
     with pytest.raises(ValueError, match="teacher.update"):
-        TeacherScorer(path, backend="hf", update="slow")
+        TeacherScorer(path, TeacherConfig(backend="hf", update="slow"))

@@ -1,4 +1,5 @@
-"""Rollout engine on vLLM's offline ``LLM``: token ids in, token ids and behaviour log-probs out.
+"""The engine on vLLM's offline ``LLM``: token ids in, token ids and behaviour log-probs out; the
+teacher's top-k on given token ids.
 
 Streaming: every (prompt, sample) pair is its own request (n=1, with its own seed), queued with
 ``LLM.enqueue``; the engine's step loop is then driven here, so a sample is handed on the moment
@@ -8,16 +9,28 @@ Behaviour log-probs come from ``logprobs_mode="processed_logprobs"``: the log-pr
 token under the distribution it was actually drawn from (temperature, then top-p, applied) —
 what an importance ratio against the learner's tempered log-probs needs. vLLM's default
 ("raw_logprobs") reports the T=1 model distribution instead.
+
+Teacher scoring uses ``prompt_logprobs``: ``teacher_prompt + response`` goes in as the *prompt* of
+a one-token request, and the log-probs vLLM computes for every prompt position are read back at
+the response positions (T=1, normalised over the full vocabulary).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 
-from distil_ray.rollout.engine import Sample, SamplingConfig, sample_seed
+from distil_ray.engines.base import (
+    EngineOptions,
+    Sample,
+    SamplingConfig,
+    TeacherScores,
+    check_pairs,
+    empty_scores,
+    sample_seed,
+)
 
 # vLLM reads these when it is imported / builds its engine, so they are set before the import.
 _VLLM_ENV = {
@@ -101,11 +114,16 @@ def prompt_token_logprobs(llm, prompt: list[int], response: list[int]) -> list[f
 
 
 class VLLMEngine:
-    """``GenerationEngine`` on an in-process ``vllm.LLM``."""
+    """The :class:`~distil_ray.engines.base.Engine` on an in-process ``vllm.LLM``."""
 
-    def __init__(self, model_path: str, **llm_kwargs):
-        """``llm_kwargs``: ``make_llm``'s options (KV cache size, dtype, seed, ...)."""
-        self.llm = make_llm(model_path, **llm_kwargs)
+    def __init__(self, model_path: str, options: EngineOptions | None = None):
+        options = options or EngineOptions()
+        self.max_logprobs = options.max_logprobs
+        self.llm = make_llm(
+            model_path, dtype=options.dtype, seed=options.seed, kv_cache_memory_bytes=options.kv_cache_memory_bytes,
+            max_num_seqs=options.max_num_seqs, max_logprobs=options.max_logprobs,
+        )
+        self.vocab_size = self.llm.llm_engine.model_config.get_vocab_size()
 
     def generate(self, prompts: list[list[int]], sampling: SamplingConfig) -> Iterator[tuple[int, int, Sample]]:
         from vllm import SamplingParams
@@ -150,8 +168,54 @@ class VLLMEngine:
             if pending:
                 engine.abort_request([rid for rid, _ in pending.values()], internal=True)
 
+    def score_topk(self, prompt_ids: list[list[int]], response_ids: list[list[int]], k: int) -> list[TeacherScores]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        check_pairs(prompt_ids, response_ids)
+        k = min(int(k), self.vocab_size)
+        if k > self.max_logprobs:
+            raise ValueError(
+                f"teacher top-k={k} exceeds the engine's max_logprobs={self.max_logprobs}; "
+                "the engine must be built with max_logprobs >= teacher.topk"
+            )
+        # empty responses have nothing to score: they skip the engine
+        todo = [i for i, r in enumerate(response_ids) if len(r) > 0]
+        out: list[TeacherScores] = [empty_scores(k) for _ in response_ids]
+        if todo:
+            # One batched call: vLLM schedules the prefills together. max_tokens=1 because only the
+            # prompt positions matter; detokenize=False skips decoding the k strings per position.
+            params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=k, detokenize=False)
+            inputs = [
+                TokensPrompt(prompt_token_ids=[int(t) for t in prompt_ids[i]] + [int(t) for t in response_ids[i]])
+                for i in todo
+            ]
+            results = self.llm.generate(inputs, params, use_tqdm=False)
+            for i, result in zip(todo, results):
+                out[i] = _extract_topk(result.prompt_logprobs, len(prompt_ids[i]), response_ids[i], k)
+        return out
+
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         reload_weights(self.llm, named_tensors)
 
     def sequence_logprobs(self, prompt: list[int], response: list[int]) -> list[float]:
         return prompt_token_logprobs(self.llm, prompt, response)
+
+
+def _extract_topk(prompt_logprobs, prompt_len: int, response: Sequence[int], k: int) -> TeacherScores:
+    rows = prompt_logprobs[prompt_len : prompt_len + len(response)]
+    if len(rows) != len(response):
+        raise RuntimeError(f"vLLM returned {len(rows)} prompt log-prob rows for {len(response)} response tokens")
+    top_ids = torch.empty(len(response), k, dtype=torch.long)
+    top_lp = torch.empty(len(response), k)
+    token_lp = torch.empty(len(response))
+    for t, (row, token) in enumerate(zip(rows, response)):
+        token_lp[t] = row[int(token)].logprob
+        # vLLM adds the actual token to the top-k dict (k+1 entries when it is not among
+        # them); order by rank, then log-prob, and keep the best k.
+        best = sorted(row.items(), key=lambda kv: (kv[1].rank, -kv[1].logprob))[:k]
+        if len(best) < k:
+            raise RuntimeError(f"vLLM returned {len(best)} log-probs at a position, expected {k}")
+        top_ids[t] = torch.tensor([tok for tok, _ in best])
+        top_lp[t] = torch.tensor([lp.logprob for _, lp in best])
+    return TeacherScores(top_ids, top_lp, token_lp)

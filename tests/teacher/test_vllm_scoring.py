@@ -1,4 +1,4 @@
-"""VLLMTeacher (prompt_logprobs) against HFTeacher (a plain forward), in a real Ray actor: the same
+"""The vLLM engine's teacher scores (prompt_logprobs) against the HF engine's (a plain forward), in a real Ray actor: the same
 top-k ids and log-probs, the same sampled-token log-probs, weight reload in place; and a vLLM-backed
 TeacherScorer actor producing the records an HF-backed one does."""
 
@@ -10,9 +10,13 @@ import ray
 import torch
 
 from distil_ray.models import tiny_model_dir
+from distil_ray.config import TeacherConfig
+from distil_ray.engines import EngineOptions
+from distil_ray.engines.hf import HFEngine
+from distil_ray.engines.vllm import VLLMEngine
 from distil_ray.records import Graded, Prompt, Rollout
+from distil_ray.tasks.base import TaskExample
 from distil_ray.teacher.scorer import TeacherScorer
-from distil_ray.teacher.vllm import HFTeacher, VLLMTeacher
 
 # skipped only where vLLM is not installed at all: an installed vLLM that fails to import (e.g. a
 # broken torchvision beside CPU torch) must fail these tests, not hide behind a skip
@@ -27,14 +31,15 @@ K = 20
 
 @pytest.fixture(scope="module")
 def vllm_teacher(ray_cluster):
-    handle = ray.remote(VLLMTeacher).options(num_cpus=0.5).remote(str(tiny_model_dir()), kv_cache_memory_bytes=64 << 20, max_logprobs=32)
+    options = EngineOptions(kv_cache_memory_bytes=64 << 20, max_logprobs=32)
+    handle = ray.remote(VLLMEngine).options(num_cpus=0.5).remote(str(tiny_model_dir()), options)
     ray.get(handle.sequence_logprobs.remote([1, 2], [3]), timeout=240)
     return handle
 
 
 @pytest.fixture(scope="module")
 def hf_teacher():
-    return HFTeacher(str(tiny_model_dir()))
+    return HFEngine(str(tiny_model_dir()))
 
 
 def random_pairs(seed=0):
@@ -56,8 +61,8 @@ def assert_scores_close(got, ref, atol=1e-4):
 
 def test_topk_matches_hf(vllm_teacher, hf_teacher):
     prompts, responses = random_pairs()
-    got = ray.get(vllm_teacher.score.remote(prompts, responses, K))
-    ref = hf_teacher.score(prompts, responses, K)
+    got = ray.get(vllm_teacher.score_topk.remote(prompts, responses, K))
+    ref = hf_teacher.score_topk(prompts, responses, K)
     for g, resp in zip(got, responses):
         assert g.topk_ids.shape == (len(resp), K) and g.token_logprobs.shape == (len(resp),)
         # sorted descending, normalised over the whole vocabulary
@@ -68,7 +73,7 @@ def test_topk_matches_hf(vllm_teacher, hf_teacher):
 
 def test_k_above_max_logprobs_is_a_clear_error(vllm_teacher):
     with pytest.raises(Exception, match="max_logprobs"):
-        ray.get(vllm_teacher.score.remote([[1, 2]], [[3]], 40))
+        ray.get(vllm_teacher.score_topk.remote([[1, 2]], [[3]], 40))
 
 
 def test_load_weights_in_place(vllm_teacher, hf_teacher):
@@ -76,23 +81,23 @@ def test_load_weights_in_place(vllm_teacher, hf_teacher):
     gen = torch.Generator().manual_seed(1)
     original = {n: p.detach().clone() for n, p in hf_teacher.model.named_parameters()}
     perturbed = {n: p + 0.05 * torch.randn(p.shape, generator=gen) for n, p in original.items()}
-    before = ray.get(vllm_teacher.score.remote(prompts, responses, K))
+    before = ray.get(vllm_teacher.score_topk.remote(prompts, responses, K))
     ray.get(vllm_teacher.load_weights.remote(list(perturbed.items())))
     hf_teacher.load_weights(perturbed.items())
     try:
-        after = ray.get(vllm_teacher.score.remote(prompts, responses, K))
+        after = ray.get(vllm_teacher.score_topk.remote(prompts, responses, K))
         assert (after[0].token_logprobs - before[0].token_logprobs).abs().max() > 1e-2
-        assert_scores_close(after, hf_teacher.score(prompts, responses, K))
+        assert_scores_close(after, hf_teacher.score_topk(prompts, responses, K))
     finally:
         hf_teacher.load_weights(original.items())
         ray.get(vllm_teacher.load_weights.remote(list(original.items())))
 
 
 def test_vllm_scorer_actor_equals_hf_scorer(ray_cluster):
-    hf = TeacherScorer(str(tiny_model_dir()), backend="hf", topk=8, num_threads=1)
+    hf = TeacherScorer(str(tiny_model_dir()), TeacherConfig(backend="hf", topk=8))
     tok = hf.tokenizer
     messages = [{"role": "user", "content": "What is 2 + 3?"}]
-    prompt = Prompt("q", "toy", messages, np.asarray(tok.apply_chat_template(messages, add_generation_prompt=True, return_dict=False), np.int32))
+    prompt = Prompt(TaskExample("q", "toy", messages, {}), np.asarray(tok.apply_chat_template(messages, add_generation_prompt=True, return_dict=False), np.int32))
     texts, rewards = ["The answer is 5.", "It is 6.", "Seven."], [1.0, 0.0, 0.0]
     group = []
     for i, (text, reward) in enumerate(zip(texts, rewards)):
@@ -100,7 +105,7 @@ def test_vllm_scorer_actor_equals_hf_scorer(ray_cluster):
         r = Rollout("q", i, ids, np.zeros(len(ids), np.float32), "stop", 0, text, prompt.prompt_ids)
         group.append(Graded.from_rollout(r, reward=reward, feedback="" if reward else "wrong"))
     actor = ray.remote(TeacherScorer).options(name="teacher-test", num_cpus=0.5).remote(
-        str(tiny_model_dir()), backend="vllm", topk=8, backend_kwargs={"kv_cache_memory_bytes": 64 << 20}
+        str(tiny_model_dir()), TeacherConfig(backend="vllm", topk=8, kv_cache_memory_bytes=64 << 20)
     )
     # one ObjectRef per rollout, as top-level arguments: Ray resolves them before the call
     got = ray.get(actor.score_group.remote(ray.put(prompt), *[ray.put(g) for g in group]), timeout=240)

@@ -1,9 +1,10 @@
-"""The generation-engine interface shared by the rollout backends (vLLM, HF).
+"""The engine interface: one inference engine per backend (vLLM, HF), shared by the rollout
+workers and the teacher.
 
 Engines are token-in/token-out: prompts arrive as token ids and samples leave as token ids with
-the log-prob each token had under the distribution it was drawn from. Text never round-trips
-through a tokenizer inside an engine, so the learner trains on exactly the tokens that were
-sampled.
+the log-prob each token had under the distribution it was drawn from; the teacher's top-k is
+scored on given token ids. Text never round-trips through a tokenizer inside an engine, so the
+learner trains on exactly the tokens that were sampled and scored.
 """
 
 from __future__ import annotations
@@ -16,6 +17,18 @@ from typing import Protocol
 
 import numpy as np
 import torch
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """How an engine is built: what the rollout and teacher sections say, plus the run's dtype
+    and seed. The HF engine reads ``dtype`` and ``seed`` only."""
+
+    dtype: str = "float32"
+    seed: int = 0
+    kv_cache_memory_bytes: int = 64 << 20
+    max_num_seqs: int = 64
+    max_logprobs: int = 20  # the largest top-k the engine can score (vLLM sizes its buffers by it)
 
 
 @dataclass
@@ -54,9 +67,33 @@ class Sample:
     finish_reason: str  # "stop" | "length"
 
 
-class GenerationEngine(Protocol):
+@dataclass
+class TeacherScores:
+    topk_ids: torch.Tensor  # [T, k] int64
+    topk_logprobs: torch.Tensor  # [T, k] float32, normalised over the full vocabulary
+    token_logprobs: torch.Tensor  # [T]   log-prob of the student's sampled token
+
+
+def empty_scores(k: int) -> TeacherScores:
+    return TeacherScores(torch.zeros(0, k, dtype=torch.long), torch.zeros(0, k), torch.zeros(0))
+
+
+def check_pairs(prompt_ids: Sequence, response_ids: Sequence) -> None:
+    if len(prompt_ids) != len(response_ids):
+        raise ValueError(f"one teacher prompt per response: got {len(prompt_ids)} prompts, {len(response_ids)} responses")
+    for prompt, response in zip(prompt_ids, response_ids):
+        if len(prompt) == 0 and len(response) > 0:
+            raise ValueError("the teacher prompt is empty: the first response token has no state")
+
+
+class Engine(Protocol):
     def generate(self, prompts: list[list[int]], sampling: SamplingConfig) -> Iterator[tuple[int, int, Sample]]:
         """Yield (prompt_index, sample_index, Sample) in COMPLETION order (streaming)."""
+        ...
+
+    def score_topk(self, prompt_ids: list[list[int]], response_ids: list[list[int]], k: int) -> list[TeacherScores]:
+        """Top-k log-probs (T=1, full vocabulary) at every position of each response, given its
+        prompt; plus the log-prob of the response's own token there."""
         ...
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -66,9 +103,6 @@ class GenerationEngine(Protocol):
     def sequence_logprobs(self, prompt: list[int], response: list[int]) -> list[float]:
         """Log-prob of each response token under the current weights (T=1)."""
         ...
-
-
-ENGINES = ("vllm", "hf")
 
 
 def sample_seed(seed: int | None, prompt_index: int, sample_index: int) -> int | None:

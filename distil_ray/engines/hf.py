@@ -1,20 +1,26 @@
-"""Rollout engine on Hugging Face ``generate``: the dependency-light CPU backend, and the reference
-the vLLM engine is checked against.
+"""The engine on a Hugging Face causal LM: the dependency-light CPU backend, and the reference the
+vLLM engine is checked against.
 
-All (prompt, sample) pairs of a call go through one left-padded ``generate``; the per-step scores
-it returns are the *processed* logits (temperature and top-p applied when sampling), so their
-log-softmax at the sampled token is the behaviour log-prob, as vLLM's ``processed_logprobs``.
-Samples come out when the batch ends (HF has no per-sequence streaming); the order of the
-yielded pairs is still only "some completion order" to callers.
+Generation: all (prompt, sample) pairs of a call go through one left-padded ``generate``; the
+per-step scores it returns are the *processed* logits (temperature and top-p applied when
+sampling), so their log-softmax at the sampled token is the behaviour log-prob, as vLLM's
+``processed_logprobs``. Samples come out when the batch ends (HF has no per-sequence streaming);
+the order of the yielded pairs is still only "some completion order" to callers.
+
+Teacher scoring (:func:`score_topk`): the sequence scored is ``prompt_ids + response_ids`` — the
+student's response *token ids*, never re-tokenised text — so position t of the result lines up
+with the student's token t. Log-probs are normalised over the full vocabulary; the logits are
+formed a chunk of positions at a time, so ``[T, V]`` never exists at once for long responses.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 
-from distil_ray.rollout.engine import Sample, SamplingConfig, stop_cut
+from distil_ray.engines.base import EngineOptions, Sample, SamplingConfig, TeacherScores, check_pairs, stop_cut
+from distil_ray.models.lm_head import output_embedding
 
 
 def load_named_tensors(model: torch.nn.Module, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
@@ -53,17 +59,60 @@ def forward_logprobs(model, prompt: list[int], response: list[int]) -> list[floa
     return logp.gather(-1, ids[0, len(prompt) :, None])[:, 0].tolist()
 
 
-class HFEngine:
-    """``GenerationEngine`` on a HF causal LM's ``generate``."""
+@torch.no_grad()
+def score_topk(
+    model,
+    teacher_prompt_ids: Sequence[Sequence[int]],
+    response_ids: Sequence[Sequence[int]],
+    k: int,
+    *,
+    temperature: float = 1.0,
+    chunk_size: int = 256,
+) -> list[TeacherScores]:
+    """Score each (teacher prompt, response) pair; one forward per pair (no padding to get wrong).
+    Call it with the model in eval mode: dropout would add noise to the teacher's log-probs."""
+    if len(teacher_prompt_ids) != len(response_ids):
+        raise ValueError("one teacher prompt per response")
+    weight = output_embedding(model)
+    body = model.get_decoder()
+    device = weight.device
+    out = []
+    for prompt, response in zip(teacher_prompt_ids, response_ids):
+        if len(prompt) == 0:
+            raise ValueError("the teacher prompt is empty: the first response token has no state")
+        if len(response) == 0:  # nothing to score: skip the forward pass
+            empty = torch.zeros(0, min(k, weight.shape[0]))
+            out.append(TeacherScores(empty.long(), empty, torch.zeros(0)))
+            continue
+        ids = torch.tensor([list(prompt) + list(response)], device=device)
+        hidden = body(input_ids=ids, use_cache=False).last_hidden_state[0]
+        # the state that predicts response token t sits one position earlier
+        states = hidden[len(prompt) - 1 : len(prompt) - 1 + len(response)]
+        targets = ids[0, len(prompt) :]
+        top_ids, top_lp, tok_lp = [], [], []
+        for start in range(0, len(response), chunk_size):
+            logits = (states[start : start + chunk_size] @ weight.T).float() / temperature
+            logp = torch.log_softmax(logits, -1)
+            lp, idx = logp.topk(min(k, logp.shape[-1]), -1)
+            top_ids.append(idx)
+            top_lp.append(lp)
+            tok_lp.append(logp.gather(-1, targets[start : start + chunk_size, None])[:, 0])
+        out.append(TeacherScores(torch.cat(top_ids).cpu(), torch.cat(top_lp).cpu(), torch.cat(tok_lp).cpu()))
+    return out
 
-    def __init__(self, model_path: str, *, dtype: str = "float32", seed: int = 0):
+
+class HFEngine:
+    """The :class:`~distil_ray.engines.base.Engine` on a HF causal LM (``generate`` and a plain forward)."""
+
+    def __init__(self, model_path: str, options: EngineOptions | None = None):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        options = options or EngineOptions()
         self.model = AutoModelForCausalLM.from_pretrained(
-            model_path, local_files_only=True, dtype=getattr(torch, dtype)
+            model_path, local_files_only=True, dtype=getattr(torch, options.dtype)
         ).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
-        self.seed = seed
+        self.seed = options.seed
         self._calls = 0
         eos = self.model.generation_config.eos_token_id
         eos = [eos] if isinstance(eos, int) else list(eos or [])
@@ -120,6 +169,10 @@ class HFEngine:
             if cut is not None:
                 tokens, reason = tokens[:cut], "stop"
             yield i, j, Sample(tokens, token_lp[r, : len(tokens)].tolist(), reason)
+
+    def score_topk(self, prompt_ids: list[list[int]], response_ids: list[list[int]], k: int) -> list[TeacherScores]:
+        check_pairs(prompt_ids, response_ids)
+        return score_topk(self.model, prompt_ids, response_ids, k)
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         load_named_tensors(self.model, named_tensors)

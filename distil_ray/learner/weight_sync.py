@@ -1,0 +1,65 @@
+"""WeightSync: which engines get which weights after a step, and how they get them.
+
+The rollout workers always load the policy. The teacher follows ``teacher.update``: the policy
+itself (``current``), a moving average of it that the teacher keeps and advances with every push
+(``ema``), or nothing (``fixed``, the initial policy). The same rule serves the step's sync and a
+resume, so the two can never disagree about who gets what; a resumed EMA teacher loads its saved
+average instead of averaging the policy in once more.
+
+Transport today: the object store. Rank 0's full HF-named state dict is put once and every
+engine loads it in place. Other transports (vLLM's weight-transfer API over NCCL or gloo) plug in
+behind the same ``connect`` / ``push`` / ``restore`` / ``close``.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Sequence
+
+import ray
+
+TEACHER_EMA = "teacher_ema.safetensors"
+
+
+class WeightSync:
+    def __init__(self, learner, rollout_workers: Sequence, teacher=None, *, teacher_update: str = "current"):
+        """``learner``: the LearnerGroup (the weights' source); ``rollout_workers`` and ``teacher``
+        (None without one): the actors that hold engines; ``teacher_update``: ``teacher.update``."""
+        self.learner = learner
+        self.rollout_workers = list(rollout_workers)
+        self.teacher = teacher
+        self.teacher_update = teacher_update
+
+    def connect(self) -> None:
+        """Set the transport up (the object store needs nothing)."""
+
+    def push(self, version: int) -> float:
+        """The learners' weights, as policy ``version``, to every engine that follows the policy;
+        returns the seconds it took."""
+        t0 = time.perf_counter()
+        state_ref = self.learner.state_dict_ref()
+        targets = list(self.rollout_workers)
+        if self.teacher is not None and self.teacher_update != "fixed":
+            targets.append(self.teacher)  # an EMA teacher averages the new weights in
+        ray.get([t.update_weights.remote(state_ref, version) for t in targets])
+        return time.perf_counter() - t0
+
+    def save(self, checkpoint_dir: str | Path) -> None:
+        """What the engines hold that the learner's checkpoint does not: the EMA teacher's average."""
+        if self.teacher is not None and self.teacher_update == "ema":
+            ray.get(self.teacher.save_ema.remote(str(Path(checkpoint_dir) / TEACHER_EMA)))
+
+    def restore(self, version: int, checkpoint_dir: str | Path) -> None:
+        """After the learner loaded a checkpoint: the engines start from its weights, not the base
+        model's, and an EMA teacher from its own saved average."""
+        state_ref = self.learner.state_dict_ref()
+        loads = [w.update_weights.remote(state_ref, version) for w in self.rollout_workers]
+        if self.teacher is not None and self.teacher_update == "current":
+            loads.append(self.teacher.update_weights.remote(state_ref, version))
+        elif self.teacher is not None and self.teacher_update == "ema":
+            loads.append(self.teacher.load_ema.remote(str(Path(checkpoint_dir) / TEACHER_EMA), version))
+        ray.get(loads)
+
+    def close(self) -> None:
+        """Release the transport (nothing for the object store)."""
