@@ -186,6 +186,14 @@ class Section:
     def probability(self, name: str) -> None:
         check_probability(self.key(name), getattr(self, name))
 
+    def nested(self, name: str) -> None:
+        """Check a sub-section that is a plain class of its own module (it raises ValueError
+        naming its field; the message gains this section's dotted prefix)."""
+        try:
+            getattr(self, name).check()
+        except ValueError as e:
+            raise ConfigError(f"{self.key(name)}.{_one_line(e)}") from None
+
 
 # --------------------------------------------------------------------------- schema
 
@@ -218,10 +226,7 @@ class ModelConfig(Section):
     def check(self) -> None:
         super().check()
         if self.path is None:
-            try:  # what vLLM and the tokenizer need (head_dim, vocab size, GQA ratio)
-                self.tiny.check()
-            except ValueError as e:
-                raise ConfigError(f"model.tiny.{_one_line(e)}") from None
+            self.nested("tiny")  # what vLLM and the tokenizer need (head_dim, vocab size, GQA ratio)
 
 
 @dataclass
@@ -384,10 +389,7 @@ class TeacherConfig(Section):
         self.positive("kv_cache_memory_bytes")
         self.probability("ema_rate")
         self.at_least("max_context_tokens", 2, optional=True)
-        try:
-            self.reprompt.check()
-        except ValueError as e:
-            raise ConfigError(f"teacher.reprompt.{_one_line(e)}") from None
+        self.nested("reprompt")
 
 
 @dataclass
