@@ -40,7 +40,7 @@ from distil_ray.models.warm_start import (
     evaluate_with_model,
     warm_start_dir,
 )
-from distil_ray.tasks.toy import TOY_MODEL_SHAPE, ToyTask, toy_model_config
+from distil_ray.tasks.toy import TOY_MODEL_SHAPE, ToyConfig, ToyTask, toy_model_config
 from distil_ray.engines.hf import score_topk
 
 
@@ -240,7 +240,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    task = ToyTask(feedback_style=args.feedback_style, num_known=args.num_known)
+    task = ToyTask(ToyConfig(feedback_style=args.feedback_style, num_known=args.num_known))
     model_cfg = toy_model_config(
         task,
         hidden_size=args.hidden,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Protocol
+from typing import Any, Iterator, Protocol, TypeVar
 
 
 @dataclass
@@ -34,12 +34,31 @@ class Grade:
 
 class Task(Protocol):
     name: str
+    # The task's typed configuration section: a plain dataclass whose fields are the task's options,
+    # checked in its ``__post_init__`` without loading any data; ``__init__`` takes one instance.
+    config_class: type
 
     def load(self, split: str) -> list[TaskExample]:
         """The examples of a split ("train" / "test" / ...); unknown splits list the valid ones."""
 
     def grade(self, example: TaskExample, response: str) -> Grade:
         """Grade one response text (the student's decoded output)."""
+
+
+C = TypeVar("C")
+
+
+def resolve_config(config_class: type[C], cfg: C | None, task_name: str) -> C:
+    """``cfg``, or the defaults of ``config_class`` when it is None; anything else (e.g. the old
+    keyword style) is a ``TypeError`` that says what to pass instead."""
+    if cfg is None:
+        return config_class()
+    if not isinstance(cfg, config_class):
+        raise TypeError(
+            f"task {task_name!r} takes a {config_class.__name__} (or None), not {type(cfg).__name__}: "
+            f"pass {config_class.__name__}(...), or use get_task({task_name!r}, **options)"
+        )
+    return cfg
 
 
 class DataFormatError(ValueError):

@@ -30,17 +30,21 @@ from __future__ import annotations
 import random
 import re
 from collections.abc import Sequence
+import dataclasses
+from dataclasses import dataclass
 from typing import Any
 
 from distil_ray.feedback.templates import RepromptConfig, reprompt_group
 from distil_ray.models.tiny import TinyModelConfig
-from distil_ray.tasks.base import Grade, TaskExample
+from distil_ray.config import check_choice
+from distil_ray.tasks.base import Grade, TaskExample, resolve_config
 
 __all__ = [
     "FEEDBACK_STYLES",
     "LETTERS",
     "SPLITS",
     "TOY_MODEL_SHAPE",
+    "ToyConfig",
     "ToyTask",
     "grade_code",
     "toy_model_config",
@@ -81,6 +85,49 @@ def _plural(n: int, word: str) -> str:
     return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
+@dataclass(frozen=True)
+class ToyConfig:
+    """The toy task's options (``task.kwargs`` of ``task=toy``); see :class:`ToyTask`."""
+
+    seed: int = 0
+    num_symbols: int = 10
+    min_length: int = 3
+    max_length: int = 3
+    test_size: int = 128
+    train_size: int | None = None
+    num_known: int = 6
+    feedback_style: str = "corrected"
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.num_symbols <= len(LETTERS):
+            raise ValueError(
+                f"num_symbols={self.num_symbols}: must lie in [2, {len(LETTERS)}]"
+            )
+        if not 1 <= self.min_length <= self.max_length <= 8:
+            raise ValueError(
+                f"min_length={self.min_length}, max_length={self.max_length}: need 1 <= min <= max <= 8"
+            )
+        if not 0 <= self.num_known <= self.num_symbols:
+            raise ValueError(
+                f"num_known={self.num_known}: must lie in [0, num_symbols={self.num_symbols}]"
+            )
+        n_strings = self.n_prompts()
+        if self.test_size < 1 or self.test_size >= n_strings:
+            raise ValueError(
+                f"test_size={self.test_size}: must lie in [1, {n_strings - 1}] ({n_strings} distinct prompts)"
+            )
+        if self.train_size is not None and not 1 <= self.train_size <= n_strings - self.test_size:
+            raise ValueError(
+                f"train_size={self.train_size}: must lie in [1, {n_strings - self.test_size}] "
+                "(prompts left after the test split)"
+            )
+        check_choice("feedback_style", self.feedback_style, FEEDBACK_STYLES)
+
+    def n_prompts(self) -> int:
+        """How many distinct prompt strings there are."""
+        return sum(self.num_symbols**n for n in range(self.min_length, self.max_length + 1))
+
+
 class ToyTask:
     """The secret-code task.
 
@@ -88,95 +135,43 @@ class ToyTask:
     seeded permutation (so with 10 symbols every digit is used once); prompts have ``min_length`` to
     ``max_length`` letters. ``test_size`` distinct prompt strings form the test split, ``train_size``
     others (default: all the remaining ones) the training split. ``num_known`` is the number of
-    letters whose code the warm start teaches.
+    letters whose code the warm start teaches. (All of them fields of :class:`ToyConfig`.)
     """
 
     name = "toy"
+    config_class = ToyConfig
 
-    def __init__(
-        self,
-        seed: int = 0,
-        num_symbols: int = 10,
-        min_length: int = 3,
-        max_length: int = 3,
-        test_size: int = 128,
-        train_size: int | None = None,
-        num_known: int = 6,
-        feedback_style: str = "corrected",
-    ):
-        if not 2 <= num_symbols <= len(LETTERS):
-            raise ValueError(
-                f"num_symbols={num_symbols}: must lie in [2, {len(LETTERS)}]"
-            )
-        if not 1 <= min_length <= max_length <= 8:
-            raise ValueError(
-                f"min_length={min_length}, max_length={max_length}: need 1 <= min <= max <= 8"
-            )
-        if not 0 <= num_known <= num_symbols:
-            raise ValueError(
-                f"num_known={num_known}: must lie in [0, num_symbols={num_symbols}]"
-            )
-        n_strings = sum(num_symbols**n for n in range(min_length, max_length + 1))
-        if test_size < 1 or test_size >= n_strings:
-            raise ValueError(
-                f"test_size={test_size}: must lie in [1, {n_strings - 1}] ({n_strings} distinct prompts)"
-            )
-        if train_size is not None and not 1 <= train_size <= n_strings - test_size:
-            raise ValueError(
-                f"train_size={train_size}: must lie in [1, {n_strings - test_size}] (prompts left after the test split)"
-            )
-        if feedback_style not in FEEDBACK_STYLES:
-            raise ValueError(
-                f"feedback_style={feedback_style!r}: allowed values are {FEEDBACK_STYLES}"
-            )
-        self.feedback_style = feedback_style
-        self.seed, self.num_symbols = seed, num_symbols
-        self.min_length, self.max_length = min_length, max_length
-        self.test_size, self.train_size, self.num_known = (
-            test_size,
-            train_size,
-            num_known,
-        )
-
-        rng = random.Random(f"toy-code-{seed}")
-        self.symbols: list[str] = rng.sample(LETTERS, num_symbols)
+    def __init__(self, cfg: ToyConfig | None = None):
+        self.cfg = cfg = resolve_config(ToyConfig, cfg, self.name)
+        rng = random.Random(f"toy-code-{cfg.seed}")
+        self.symbols: list[str] = rng.sample(LETTERS, cfg.num_symbols)
         # a permutation of the digits per ten letters: with up to ten letters no two share a digit
         digits: list[str] = []
-        while len(digits) < num_symbols:
+        while len(digits) < cfg.num_symbols:
             digits += rng.sample(DIGITS, len(DIGITS))
         self.code: dict[str, str] = dict(zip(self.symbols, digits))
         # The warm start's partial knowledge: a seeded subset, not the first letters of the alphabet.
-        self.known: frozenset[str] = frozenset(rng.sample(self.symbols, num_known))
+        self.known: frozenset[str] = frozenset(rng.sample(self.symbols, cfg.num_known))
 
         strings = self._all_strings()
-        random.Random(f"toy-split-{seed}").shuffle(strings)
-        test = strings[:test_size]
-        rest = strings[test_size:]
+        random.Random(f"toy-split-{cfg.seed}").shuffle(strings)
+        test = strings[: cfg.test_size]
+        rest = strings[cfg.test_size :]
         self._splits = {
             "test": test,
-            "train": rest if train_size is None else rest[:train_size],
+            "train": rest if cfg.train_size is None else rest[: cfg.train_size],
         }
 
     def config(self) -> dict[str, Any]:
         """Everything that defines the task (what a warm-start cache is keyed by)."""
-        return {
-            "name": self.name,
-            "seed": self.seed,
-            "num_symbols": self.num_symbols,
-            "min_length": self.min_length,
-            "max_length": self.max_length,
-            "test_size": self.test_size,
-            "train_size": self.train_size,
-            "num_known": self.num_known,
-            "feedback_style": self.feedback_style,
-        }
+        return {"name": self.name, **dataclasses.asdict(self.cfg)}
 
     def _all_strings(self) -> list[tuple[str, ...]]:
         out: list[tuple[str, ...]] = [()]
         strings = []
-        for length in range(1, self.max_length + 1):
+        for length in range(1, self.cfg.max_length + 1):
             out = [s + (c,) for s in out for c in self.symbols]
-            if length >= self.min_length:
+            if length >= self.cfg.min_length:
                 strings += out
         return strings
 
@@ -228,7 +223,7 @@ class ToyTask:
             example.reference["symbols"],
             example.reference["answer"],
             response,
-            self.feedback_style,
+            self.cfg.feedback_style,
         )
 
     # -- warm start ----------------------------------------------------------------------------
@@ -275,8 +270,8 @@ class ToyTask:
                 # a sibling succeeded: the teacher sees its answer
                 attempt, sibling = self._simulated_attempt(symbols, truth, rng), truth
                 grades = [
-                    grade_code(symbols, truth, attempt, self.feedback_style),
-                    grade_code(symbols, truth, sibling, self.feedback_style),
+                    grade_code(symbols, truth, attempt, self.cfg.feedback_style),
+                    grade_code(symbols, truth, sibling, self.cfg.feedback_style),
                 ]
                 responses = [attempt, sibling]
             else:
@@ -288,7 +283,7 @@ class ToyTask:
                     else self._simulated_attempt(symbols, truth, rng)
                 )
                 grades, responses = (
-                    [grade_code(symbols, truth, attempt, self.feedback_style)],
+                    [grade_code(symbols, truth, attempt, self.cfg.feedback_style)],
                     [attempt],
                 )
             context = reprompt_group(
@@ -348,10 +343,7 @@ def grade_code(
     notes of the wrong positions by letter is a harder skill for it. A response that is not a
     string of digits gets a format message (and, with ``"corrected"``, the corrected answer).
     """
-    if feedback_style not in FEEDBACK_STYLES:
-        raise ValueError(
-            f"feedback_style={feedback_style!r}: allowed values are {FEEDBACK_STYLES}"
-        )
+    check_choice("feedback_style", feedback_style, FEEDBACK_STYLES)
     symbols = list(symbols)
     n = len(symbols)
     match = _DIGITS_ONLY.fullmatch(response)

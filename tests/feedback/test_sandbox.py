@@ -10,6 +10,7 @@ seccomp filter on an architecture without one.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
 import json
@@ -35,6 +36,8 @@ from distil_ray.feedback.sandbox import runner as sandbox_runner
 from distil_ray.feedback.sandbox import seccomp as sandbox_seccomp
 from distil_ray.feedback.sandbox import (
     Sandbox,
+    SandboxLimits,
+    SandboxSettings,
     SandboxUnavailable,
     bwrap_status,
     run_python,
@@ -413,6 +416,26 @@ print(status["CapEff"].strip(), status["CapPrm"].strip(), status["CapAmb"].strip
     assert res.stdout.splitlines() == ["True True []", "0000000000000000 0000000000000000 0000000000000000 1"]
 
 
+# -- options -----------------------------------------------------------------------------------
+
+
+def test_options_are_frozen_records():
+    sb = Sandbox(SandboxLimits(memory_mb=256), timeout_s=5, isolation="rlimits", env={"GREETING": "hi"})
+    assert sb.limits == SandboxLimits(timeout_s=5, memory_mb=256)
+    assert sb.settings == SandboxSettings(isolation="rlimits", env={"GREETING": "hi"})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        sb.limits.timeout_s = 1  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        sb.settings.env["GREETING"] = "changed"  # type: ignore[index]
+    assert sb.run("import os\nprint(os.environ['GREETING'])\n").stdout == "hi\n"
+    with pytest.raises(TypeError, match="unknown sandbox option\\(s\\) timeout; allowed: "):
+        Sandbox(timeout=1)
+    with pytest.raises(ValueError, match="isolation must be one of"):
+        Sandbox(isolation="docker")
+    with pytest.raises(ValueError, match="must be positive"):
+        run_python("print(1)", timeout_s=0)
+
+
 # -- the fallback, and clean-up ------------------------------------------------------------------
 
 
@@ -662,11 +685,11 @@ def test_forged_memory_error_is_a_runtime_error(mode, code):
 # -- CPU limit -------------------------------------------------------------------------------
 
 
-class ShortCpuLimit(Sandbox):
+class ShortCpuLimit(SandboxLimits):
     """A CPU-time limit (1 s, hard 2 s) well inside the wall-clock one, so that it is really hit."""
 
-    def _rlimits(self):
-        return {**super()._rlimits(), "RLIMIT_CPU": (1, 2)}
+    def rlimits(self):
+        return {**super().rlimits(), "RLIMIT_CPU": (1, 2)}
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -678,7 +701,7 @@ def test_self_sent_sigxcpu_is_not_a_timeout(mode):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_reaching_the_cpu_limit_is_a_timeout(mode):
-    res = ShortCpuLimit(timeout_s=10, isolation=mode).run("while True:\n    pass\n")
+    res = Sandbox(ShortCpuLimit(timeout_s=10), isolation=mode).run("while True:\n    pass\n")
     assert res.signal == signal.SIGXCPU
     assert res.status == "timeout", res
     assert res.cpu_s is not None and res.cpu_s >= 0.9

@@ -15,7 +15,7 @@ from distil_ray.models.warm_start import (
     evaluate_student_and_teacher,
     warm_start_dir,
 )
-from distil_ray.tasks.toy import ToyTask, toy_model_config
+from distil_ray.tasks.toy import ToyConfig, ToyTask, toy_model_config
 
 FAST = WarmStartConfig(enabled=True, steps=3, batch_size=4, lr=1e-3)
 
@@ -63,7 +63,7 @@ def test_cached_build_is_reused_and_keyed_by_every_config(
         cache_root=tmp_path,
     )
     other_task = warm_start_dir(
-        base_dir, ToyTask(num_known=5), FAST, cache_root=tmp_path
+        base_dir, ToyTask(ToyConfig(num_known=5)), FAST, cache_root=tmp_path
     )
     assert len({first, other_cfg, other_task}) == 3
     # disabled: the base model itself

@@ -17,6 +17,7 @@ import pytest
 
 from distil_ray.tasks.base import DataFormatError
 from distil_ray.tasks.livecodebench import (
+    LiveCodeBenchConfig,
     LiveCodeBenchTask,
     UnsafePickleError,
     compare_functional,
@@ -124,7 +125,7 @@ def test_malicious_pickle_is_refused(tmp_path):
         f = tmp_path / "evil.jsonl"
         f.write_text(json.dumps(rec) + "\n")
         with pytest.raises(DataFormatError) as ei:
-            LiveCodeBenchTask(f).load("test")
+            LiveCodeBenchTask(LiveCodeBenchConfig(source=f)).load("test")
         assert ei.value.line == 1 and str(f) in str(ei.value) and "UnsafePickleError" in str(ei.value)
         assert not marker.exists()
     finally:
@@ -164,7 +165,7 @@ def test_date_window_and_half_test_split_are_deterministic(tmp_path):
     ]
     f = tmp_path / "lcb.jsonl"
     f.write_text("".join(json.dumps(r) + "\n" for r in recs))
-    task = LiveCodeBenchTask(f)
+    task = LiveCodeBenchTask(LiveCodeBenchConfig(source=f))
     test, train = task.load("test"), task.load("train")
     assert [e.meta["question_id"] for e in test] == ["first_day", "mid", "last"]
     assert [e.uid for e in train] == ["livecodebench/train/first_day", "livecodebench/train/mid", "livecodebench/train/last"]
@@ -174,20 +175,21 @@ def test_date_window_and_half_test_split_are_deterministic(tmp_path):
         idx = [te.reference["tests"].index(t) for t in tr.reference["tests"]]
         assert idx == sorted(idx)
     # deterministic: the same subsets on reload and with a fresh task object, whatever else is loaded
-    again = LiveCodeBenchTask(f).load("train")
+    again = LiveCodeBenchTask(LiveCodeBenchConfig(source=f)).load("train")
     assert [e.reference for e in again] == [e.reference for e in train]
-    alone = LiveCodeBenchTask(f).examples_from_records([recs[3]], "train")
+    alone = LiveCodeBenchTask(LiveCodeBenchConfig(source=f)).examples_from_records([recs[3]], "train")
     assert alone[0].reference == train[2].reference
     # the documented formula
     expect = sorted(random.Random("0:last").sample(range(21), 10))
     assert select_train_tests(list(range(21)), fraction=0.5, seed=0, key="last") == expect
     assert [test[2].reference["tests"][i] for i in expect] == train[2].reference["tests"]
     # configurable: another seed / fraction / window
-    other = LiveCodeBenchTask(f, seed=1).load("train")
+    other = LiveCodeBenchTask(LiveCodeBenchConfig(source=f, seed=1)).load("train")
     assert [len(e.reference["tests"]) for e in other] == [5, 1, 10]
-    assert LiveCodeBenchTask(f, train_fraction=1.0).load("train")[2].reference == test[2].reference
-    assert len(LiveCodeBenchTask(f, start_date=None, end_date=None).load("test")) == 5
-    assert len(LiveCodeBenchTask(f, test_cases="private", end_date="2025-03-01").load("test")[0].reference["tests"]) == 9
+    assert LiveCodeBenchTask(LiveCodeBenchConfig(source=f, train_fraction=1.0)).load("train")[2].reference == test[2].reference
+    assert len(LiveCodeBenchTask(LiveCodeBenchConfig(source=f, start_date=None, end_date=None)).load("test")) == 5
+    private = LiveCodeBenchTask(LiveCodeBenchConfig(source=f, test_cases="private", end_date="2025-03-01"))
+    assert len(private.load("test")[0].reference["tests"]) == 9
     assert select_train_tests([], seed=0) == []
     with pytest.raises(ValueError, match="valid splits: train, test"):
         task.load("validation")
@@ -198,12 +200,12 @@ def test_malformed_lines_name_file_and_line(tmp_path):
     f = tmp_path / "bad.jsonl"
     f.write_text(good + "\n\n{not json\n")
     with pytest.raises(DataFormatError) as ei:
-        LiveCodeBenchTask(f).load("test")
+        LiveCodeBenchTask(LiveCodeBenchConfig(source=f)).load("test")
     assert ei.value.line == 3 and str(f) in str(ei.value)
     bad_date = dict(_synthetic("x", "2025-03-01", 1), contest_date="someday")
     f.write_text(good + "\n" + json.dumps(bad_date) + "\n")
     with pytest.raises(DataFormatError) as ei:
-        LiveCodeBenchTask(f).load("test")
+        LiveCodeBenchTask(LiveCodeBenchConfig(source=f)).load("test")
     assert ei.value.line == 2
 
 
@@ -211,10 +213,10 @@ def test_malformed_lines_name_file_and_line(tmp_path):
 def test_sample_file_partial_record_is_a_format_error():
     # line 2 of the sample file lacks question_content (a partial projection)
     with pytest.raises(DataFormatError) as ei:
-        LiveCodeBenchTask(RECORDS, start_date=None, end_date=None).load("test")
+        LiveCodeBenchTask(LiveCodeBenchConfig(source=RECORDS, start_date=None, end_date=None)).load("test")
     assert ei.value.line == 2 and "question_content" in str(ei.value)
     # with the default v6 window both sample records are outside it and nothing is decoded
-    assert LiveCodeBenchTask(RECORDS).load("test") == []
+    assert LiveCodeBenchTask(LiveCodeBenchConfig(source=RECORDS)).load("test") == []
 
 
 def test_hub_code_path(monkeypatch):
@@ -227,7 +229,8 @@ def test_hub_code_path(monkeypatch):
         return [_synthetic("hub", "2025-04-01T00:00:00", 4), _synthetic("old", "2024-04-01T00:00:00", 4)]
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
-    exs = LiveCodeBenchTask("livecodebench/code_generation_lite", version_tag="release_v6").load("train")
+    hub = LiveCodeBenchConfig(source="livecodebench/code_generation_lite", version_tag="release_v6")
+    exs = LiveCodeBenchTask(hub).load("train")
     assert [e.meta["question_id"] for e in exs] == ["hub"]
     name, kwargs = calls[0]
     assert name == "livecodebench/code_generation_lite"
@@ -246,7 +249,8 @@ def test_prompts():
     assert "class Solution:\n    def zigzagTraversal" in fex.messages[-1]["content"]
     assert "standard input" not in fex.messages[-1]["content"]
     assert fex.reference == {"tests": fex.reference["tests"], "testtype": "functional", "func_name": "zigzagTraversal"}
-    assert LiveCodeBenchTask(system_prompt=None)._example(_functional_record(), "test").messages[0]["role"] == "user"
+    no_system = LiveCodeBenchTask(LiveCodeBenchConfig(system_prompt=None))
+    assert no_system.to_example(_functional_record(), "test").messages[0]["role"] == "user"
 
 
 def test_extract_code():
@@ -316,12 +320,12 @@ def test_crash_gives_traceback_and_syntax_error_stops_early():
 @needs_data
 def test_infinite_loop_times_out():
     ex = _stdin_example()
-    g = LiveCodeBenchTask(timeout_s=1.0, stop_on_first_failure=True).grade(ex, _resp("while True:\n    pass\n"))
+    g = LiveCodeBenchTask(LiveCodeBenchConfig(timeout_s=1.0, stop_on_first_failure=True)).grade(ex, _resp("while True:\n    pass\n"))
     assert g.details["statuses"] == ["timeout"] + ["skipped"] * 4
     assert "Test 1: time limit exceeded (1 s)." in g.feedback and "Expected output:" in g.feedback
     assert g.reward == 0.0
     # the total budget caps the run when every test loops
-    g = LiveCodeBenchTask(timeout_s=1.0, total_timeout_s=1.5).grade(ex, _resp("while True:\n    pass\n"))
+    g = LiveCodeBenchTask(LiveCodeBenchConfig(timeout_s=1.0, total_timeout_s=1.5)).grade(ex, _resp("while True:\n    pass\n"))
     st = g.details["statuses"]
     assert st[0] == "timeout" and st[-1] == "skipped" and set(st) <= {"timeout", "skipped"}
     assert "total time budget exhausted" in g.feedback and g.details["wall_s"] < 6

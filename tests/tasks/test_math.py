@@ -9,11 +9,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-import distil_ray.tasks.math as math_task
+import distil_ray.tasks.math.verify as math_verify
 from distil_ray.tasks import get_task
 from distil_ray.tasks.base import DataFormatError
 from distil_ray.tasks.math import (
     INSTRUCTION,
+    MathConfig,
     MathTask,
     answers_match,
     extract_boxed,
@@ -36,7 +37,7 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def task() -> MathTask:
-    return MathTask(data_dir=MATH)
+    return MathTask(MathConfig(data_dir=MATH))
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +106,7 @@ def test_local_sets_load_with_their_own_field_names(task, by_uid):
      ("aime24_math-ai_record.jsonl", "204", False)],
 )
 def test_sample_hub_schemas(name, answer, has_solution):
-    t = MathTask(files={"sample": SAMPLES / name}, test=["sample"])
+    t = MathTask(MathConfig(files={"sample": SAMPLES / name}, test=["sample"]))
     (ex,) = t.load("test")
     assert ex.reference["answer"] == answer
     assert ("solution" in ex.reference) == has_solution  # math-ai's solution is only "\boxed{204}"
@@ -127,7 +128,7 @@ def test_normalize_record_schemas_and_errors():
 def test_bad_lines_and_records_name_file_and_line(tmp_path):
     path = tmp_path / "set.jsonl"
     path.write_text('{"problem": "1+1?", "answer": "2"}\n\n{"problem": "2+2?"}\n', encoding="utf-8")
-    t = MathTask(files={"mine": path})
+    t = MathTask(MathConfig(files={"mine": path}))
     with pytest.raises(DataFormatError, match=rf"{path}:3: no 'answer' field"):
         t.load("mine")
     path.write_text('{"problem": "1+1?", "answer": "2"}\n{"problem": \n', encoding="utf-8")
@@ -137,12 +138,13 @@ def test_bad_lines_and_records_name_file_and_line(tmp_path):
 
 
 def test_unknown_sources_and_splits_list_the_valid_ones(task):
-    with pytest.raises(ValueError, match="unknown math source 'aime99' in test; valid sources: .*aime24.*aime25.*hmmt25"):
-        MathTask(test=["aime99"])
+    with pytest.raises(ValueError, match=r"^test=\['aime99'\]: unknown math source 'aime99' in test; valid sources: .*aime24.*aime25.*hmmt25"):
+        MathConfig(test=["aime99"])
     with pytest.raises(ValueError, match="unknown math split 'dev'; valid: 'train', 'test' or a source"):
         task.load("dev")
     # hub names are configurable per source (the hub is not reached here)
-    t = MathTask(hub={"aime25": "someone/aime25", "mine": {"name": "someone/mine", "split": "train"}}, test=["mine"])
+    hub = {"aime25": "someone/aime25", "mine": {"name": "someone/mine", "split": "train"}}
+    t = MathTask(MathConfig(hub=hub, test=["mine"]))
     assert t.hub["aime25"].name == "someone/aime25" and t.hub["mine"].split == "train"
     assert MathTask().hub["hmmt25"].name == "MathArena/hmmt_feb_2025"
 
@@ -205,7 +207,7 @@ def test_leading_zero_reference_and_majority_keys(task):
     ],
 )
 def test_equivalent_forms(gold, pred, correct):
-    t = MathTask(data_dir=MATH)
+    t = MathTask(MathConfig(data_dir=MATH))
     ex = t.to_example({"problem": "Compute it.", "answer": gold}, "custom", "test", index=0)
     gr = t.grade(ex, rf"Therefore the result is $\boxed{{{pred}}}$.")
     assert gr.correct is correct
@@ -216,7 +218,7 @@ def test_missing_box_and_revealed_answer(task, by_uid):
     gr = task.grade(ex, "The answer is 204.")
     assert not gr.correct and gr.answer is None and r"\boxed{}" in gr.feedback
     assert "204" not in gr.feedback  # the reference is not leaked by default
-    revealing = MathTask(data_dir=MATH, reveal_answer=True)
+    revealing = MathTask(MathConfig(data_dir=MATH, reveal_answer=True))
     assert revealing.grade(ex, r"\boxed{5}").feedback.endswith("The correct answer is 204.")
 
 
@@ -227,7 +229,7 @@ def test_grading_from_worker_threads_uses_math_verify(task, by_uid):
         grades = list(pool.map(lambda r: task.grade(ex, r), [r"\boxed{\pi/2}", r"\boxed{1.5707963}", r"\boxed{3}"]))
     assert [g.correct for g in grades] == [True, True, False]
     assert all(g.details["method"] == "math_verify" and not g.details["timed_out"] for g in grades)
-    thread_task = MathTask(data_dir=MATH, isolation="thread")
+    thread_task = MathTask(MathConfig(data_dir=MATH, isolation="thread"))
     with ThreadPoolExecutor(max_workers=2) as pool:
         assert all(pool.map(lambda r: thread_task.grade(ex, r).correct, [r"\boxed{\pi/2}", r"\boxed{1.5707963}"]))
 
@@ -244,8 +246,8 @@ def test_thread_guard_abandons_and_stops_a_slow_verify(monkeypatch, by_uid):
             time.sleep(0.01)
         return True
 
-    monkeypatch.setattr(math_task, "math_verify_equal", slow_verify)
-    t = MathTask(data_dir=MATH, isolation="thread", timeout_s=0.3)
+    monkeypatch.setattr(math_verify, "math_verify_equal", slow_verify)
+    t = MathTask(MathConfig(data_dir=MATH, isolation="thread", timeout_s=0.3))
     start = time.monotonic()
     gr = t.grade(by_uid["math/aime24/60"], r"\boxed{\frac{408}{2}}")
     assert time.monotonic() - start < 2.0
@@ -262,10 +264,10 @@ def test_thread_guard_abandons_and_stops_a_slow_verify(monkeypatch, by_uid):
 
 
 def test_process_guard_kills_a_pathological_expression_and_recovers(by_uid):
-    t = MathTask(data_dir=MATH, isolation="process", timeout_s=1.0)
+    t = MathTask(MathConfig(data_dir=MATH, isolation="process", timeout_s=1.0))
     ex = by_uid["math/aime24/60"]
     t.grade(ex, r"\boxed{\frac{408}{2}}")  # start the helper process outside the timed part
-    verifier = math_task._get_process_verifier()
+    verifier = math_verify._get_process_verifier()
     restarts = verifier.restarts
     start = time.monotonic()
     gr = t.grade(ex, r"\boxed{9^{9^{9^{9}}}}")  # sympy evaluates the tower inside C big-int code
@@ -281,8 +283,8 @@ def test_answers_match_details_and_bad_isolation():
     assert ok and details["method"] == "string"
     with pytest.raises(ValueError, match="isolation must be"):
         answers_match("1", "2", isolation="fork")
-    with pytest.raises(ValueError, match="isolation must be"):
-        MathTask(isolation="signal")
+    with pytest.raises(ValueError, match="^isolation='signal': allowed values are 'process', 'thread'"):
+        MathConfig(isolation="signal")
 
 
 def test_reference_solutions_grade_correct_against_their_own_answers(task):

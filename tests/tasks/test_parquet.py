@@ -7,9 +7,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from distil_ray.tasks.base import DataFormatError
-from distil_ray.tasks.livecodebench import LiveCodeBenchTask
-from distil_ray.tasks.math import MathTask
-from distil_ray.tasks.sciknoweval import SciKnowEvalTask
+from distil_ray.tasks.livecodebench import LiveCodeBenchConfig, LiveCodeBenchTask
+from distil_ray.tasks.math import MathConfig, MathTask
+from distil_ray.tasks.sciknoweval import SciKnowEvalConfig, SciKnowEvalTask
 from tests.shared_data import SHARED_DATA
 
 pytestmark = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"shared data not found at {SHARED_DATA}")
@@ -23,22 +23,22 @@ def to_parquet(jsonl_path, parquet_path, limit=None):
 
 def test_sciknoweval_from_parquet(tmp_path):
     to_parquet(SHARED_DATA / "sciknoweval" / "physics" / "test.jsonl", tmp_path / "physics" / "test.parquet")
-    from_parquet = SciKnowEvalTask(data_dir=tmp_path, domains=["physics"]).load("test")
-    from_jsonl = SciKnowEvalTask(data_dir=SHARED_DATA / "sciknoweval", domains=["physics"]).load("test")
+    from_parquet = SciKnowEvalTask(SciKnowEvalConfig(data_dir=tmp_path, domains=["physics"])).load("test")
+    from_jsonl = SciKnowEvalTask(SciKnowEvalConfig(data_dir=SHARED_DATA / "sciknoweval", domains=["physics"])).load("test")
     assert len(from_parquet) == 80
     assert [(e.uid, e.messages, e.reference) for e in from_parquet] == [(e.uid, e.messages, e.reference) for e in from_jsonl]
 
 
 def test_math_from_parquet(tmp_path):
     to_parquet(SHARED_DATA / "math" / "aime24" / "test.jsonl", tmp_path / "aime24" / "test.parquet")
-    a = MathTask(data_dir=tmp_path).load("aime24")
-    b = MathTask(data_dir=SHARED_DATA / "math").load("aime24")
+    a = MathTask(MathConfig(data_dir=tmp_path)).load("aime24")
+    b = MathTask(MathConfig(data_dir=SHARED_DATA / "math")).load("aime24")
     assert len(a) == 30 and [(e.messages, e.reference["answer"]) for e in a] == [(e.messages, e.reference["answer"]) for e in b]
 
 
 def test_livecodebench_from_parquet_dir(tmp_path):
     to_parquet(SHARED_DATA / "samples" / "livecodebench_records.jsonl", tmp_path / "lcb" / "part-0.parquet", limit=1)
-    task = LiveCodeBenchTask(tmp_path / "lcb", start_date=None, end_date=None)
+    task = LiveCodeBenchTask(LiveCodeBenchConfig(source=tmp_path / "lcb", start_date=None, end_date=None))
     (example,) = task.load("test")
     assert len(example.reference["tests"]) == 5
 
@@ -48,4 +48,4 @@ def test_bad_parquet_row_names_file_and_row(tmp_path):
     path.parent.mkdir()
     pq.write_table(pa.Table.from_pylist([{"prompt": "Q?", "answer": "A", "idx": 0}, {"prompt": "Q2", "answer": "", "idx": 1}]), path)
     with pytest.raises(DataFormatError, match=r"test\.parquet:2"):
-        SciKnowEvalTask(data_dir=tmp_path, domains=["physics"]).load("test")
+        SciKnowEvalTask(SciKnowEvalConfig(data_dir=tmp_path, domains=["physics"])).load("test")

@@ -13,6 +13,7 @@ from distil_ray.tasks.base import DataFormatError
 from distil_ray.tasks.sciknoweval import (
     DOMAINS,
     SYSTEM_PROMPT,
+    SciKnowEvalConfig,
     SciKnowEvalTask,
     extract_answer,
     format_raw_record,
@@ -40,12 +41,12 @@ def read(path: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def task() -> SciKnowEvalTask:
-    return SciKnowEvalTask(data_dir=SKE)
+    return SciKnowEvalTask(SciKnowEvalConfig(data_dir=SKE))
 
 
 @pytest.fixture(scope="module")
 def chem_test(task):
-    return SciKnowEvalTask(domains="chemistry", data_dir=SKE).load("test")
+    return SciKnowEvalTask(SciKnowEvalConfig(domains="chemistry", data_dir=SKE)).load("test")
 
 
 # ---------------------------------------------------------------- loading
@@ -53,7 +54,7 @@ def chem_test(task):
 
 @pytest.mark.parametrize("domain", DOMAINS)
 def test_sizes_per_domain_match_the_readme(domain):
-    t = SciKnowEvalTask(domains=[domain], data_dir=SKE)
+    t = SciKnowEvalTask(SciKnowEvalConfig(domains=[domain], data_dir=SKE))
     train, test = t.load("train"), t.load("test")
     assert (len(train), len(test)) == SIZES[domain]
     assert {e.meta["domain"] for e in train + test} == {domain}
@@ -69,7 +70,7 @@ def test_examples_carry_system_prompt_question_and_hidden_answer(task, chem_test
     assert first["answer"] not in ex.messages[1]["content"].split("\n")[-1]  # prompt ends with the instruction
     assert first["system"] == SYSTEM_PROMPT  # the constant used for raw records is the files' one
     # biology has two-option questions: their option letters are A and B only
-    bio = SciKnowEvalTask(domains="biology", data_dir=SKE).load("train")
+    bio = SciKnowEvalTask(SciKnowEvalConfig(domains="biology", data_dir=SKE)).load("train")
     assert {tuple(e.reference["options"]) for e in bio} == {("A", "B"), ("A", "B", "C", "D")}
     assert all(e.reference["answer"] in e.reference["options"] for e in bio)
 
@@ -119,7 +120,7 @@ def test_raw_path_loading_filters_formats_and_splits(tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in noise[:1] + raws + noise[1:]), encoding="utf-8")
 
     assert len(select_raw_records(read(path), "chemistry")) == 4
-    t = SciKnowEvalTask(domains="chemistry", raw_path=path)
+    t = SciKnowEvalTask(SciKnowEvalConfig(domains="chemistry", raw_path=path))
     train, test = t.load("train"), t.load("test")
     assert (len(train), len(test)) == (3, 1)  # 4 records, test_size=0.1 -> ceil(0.4) = 1 test row
     expected = split_records(list(range(4)), test_size=0.1, seed=42)
@@ -132,7 +133,7 @@ def test_raw_path_loading_filters_formats_and_splits(tmp_path):
     # the other domain gets only its own record, which is too few to split
     assert len(select_raw_records(read(path), "physics")) == 1
     with pytest.raises(ValueError, match="cannot split 1 records with test_size=0.1"):
-        SciKnowEvalTask(domains="physics", raw_path=path).load("train")
+        SciKnowEvalTask(SciKnowEvalConfig(domains="physics", raw_path=path)).load("train")
 
 
 # ---------------------------------------------------------------- grading
@@ -178,7 +179,7 @@ def test_grading_missing_or_broken_tags(task, chem_test):
     assert "No <answer> tag" in none.feedback and none.details["has_answer_tag"] is False
     # SDPO's split-based extraction: a bare letter without tags counts (strict_tags turns this off)
     assert task.grade(ex, f"  {gold}\n").correct
-    strict = SciKnowEvalTask(domains="chemistry", data_dir=SKE, strict_tags=True)
+    strict = SciKnowEvalTask(SciKnowEvalConfig(domains="chemistry", data_dir=SKE, strict_tags=True))
     bare = strict.grade(ex, gold)
     assert not bare.correct and bare.answer is None
     # an unclosed last tag still yields the text after it
@@ -191,7 +192,7 @@ def test_grading_missing_or_broken_tags(task, chem_test):
 
 
 def test_reveal_answer_and_two_option_feedback():
-    t = SciKnowEvalTask(domains="biology", data_dir=SKE, reveal_answer=True)
+    t = SciKnowEvalTask(SciKnowEvalConfig(domains="biology", data_dir=SKE, reveal_answer=True))
     two = next(e for e in t.load("test") if e.reference["options"] == ["A", "B"])
     bad = wrong_letter(two)
     gr = t.grade(two, f"<answer>{bad}</answer>")
@@ -216,25 +217,27 @@ def test_malformed_line_names_file_and_line(tmp_path):
     path = tmp_path / "chemistry" / "test.jsonl"
     path.write_text(json.dumps(good) + "\n" + json.dumps(good) + "\n" + '{"prompt": "broken' + "\n", encoding="utf-8")
     with pytest.raises(DataFormatError) as err:
-        SciKnowEvalTask(domains="chemistry", data_dir=tmp_path).load("test")
+        SciKnowEvalTask(SciKnowEvalConfig(domains="chemistry", data_dir=tmp_path)).load("test")
     assert err.value.line == 3 and f"{path}:3:" in str(err.value)
 
     path.write_text(json.dumps({k: v for k, v in good.items() if k != "answer"}) + "\n", encoding="utf-8")
     with pytest.raises(DataFormatError, match=r"test\.jsonl:1: missing field\(s\) answer"):
-        SciKnowEvalTask(domains="chemistry", data_dir=tmp_path).load("test")
+        SciKnowEvalTask(SciKnowEvalConfig(domains="chemistry", data_dir=tmp_path)).load("test")
 
     path.write_text("[1, 2]\n", encoding="utf-8")
     with pytest.raises(DataFormatError, match=r":1: expected a JSON object"):
-        SciKnowEvalTask(domains="chemistry", data_dir=tmp_path).load("test")
+        SciKnowEvalTask(SciKnowEvalConfig(domains="chemistry", data_dir=tmp_path)).load("test")
 
 
 def test_bad_domain_and_split_list_the_valid_ones():
-    with pytest.raises(ValueError, match="unknown SciKnowEval domain 'geology'; valid domains: biology, chemistry, material, physics"):
-        SciKnowEvalTask(domains="geology", data_dir=SKE)
+    with pytest.raises(ValueError, match="^domains='geology': unknown SciKnowEval domain 'geology'; valid domains: biology, chemistry, material, physics"):
+        SciKnowEvalConfig(domains="geology", data_dir=SKE)
+    with pytest.raises(ValueError, match="^data_dir, raw_path: .* not both"):
+        SciKnowEvalConfig(data_dir=SKE, raw_path=RAW_SAMPLE)
     with pytest.raises(ValueError, match="valid splits: train, test"):
-        SciKnowEvalTask(domains="physics", data_dir=SKE).load("validation")
+        SciKnowEvalTask(SciKnowEvalConfig(domains="physics", data_dir=SKE)).load("validation")
     # the hub's capitalised domain names are accepted too
-    assert SciKnowEvalTask(domains="Physics", data_dir=SKE).domains == ["physics"]
+    assert SciKnowEvalTask(SciKnowEvalConfig(domains="Physics", data_dir=SKE)).domains == ["physics"]
 
 
 def test_registry_builds_the_task_and_lists_valid_names():

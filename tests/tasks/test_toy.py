@@ -10,7 +10,7 @@ import pytest
 from distil_ray.feedback.templates import RepromptConfig
 from distil_ray.models import TinyModelConfig, build_tokenizer
 from distil_ray.tasks import get_task
-from distil_ray.tasks.toy import LETTERS, ToyTask, grade_code
+from distil_ray.tasks.toy import LETTERS, ToyConfig, ToyTask, grade_code
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,7 @@ def test_registered_and_deterministic(task):
     assert isinstance(again, ToyTask)
     assert again.code == task.code and again.known == task.known
     assert [e.uid for e in again.load("test")] == [e.uid for e in task.load("test")]
-    other = ToyTask(seed=1)
+    other = ToyTask(ToyConfig(seed=1))
     assert other.code != task.code or [e.uid for e in other.load("test")] != [
         e.uid for e in task.load("test")
     ]
@@ -46,7 +46,7 @@ def test_splits_are_disjoint_and_sized(task):
     test_prompts = {e.messages[-1]["content"] for e in test}
     assert not train_prompts & test_prompts
     assert len({e.uid for e in train + test}) == len(train) + len(test)
-    assert len(ToyTask(train_size=50).load("train")) == 50
+    assert len(ToyTask(ToyConfig(train_size=50)).load("train")) == 50
 
 
 def test_unknown_split_lists_the_valid_ones(task):
@@ -66,12 +66,12 @@ def test_code_is_a_permutation_and_answers_follow_it(task):
 
 
 def test_bad_configuration_is_named():
-    with pytest.raises(ValueError, match="num_known"):
-        ToyTask(num_known=11)
-    with pytest.raises(ValueError, match="test_size"):
-        ToyTask(test_size=1000)
-    with pytest.raises(ValueError, match="feedback_style"):
-        ToyTask(feedback_style="terse")
+    with pytest.raises(ValueError, match="^num_known=11"):
+        ToyConfig(num_known=11)
+    with pytest.raises(ValueError, match="^test_size=1000"):
+        ToyConfig(test_size=1000)
+    with pytest.raises(ValueError, match="^feedback_style='terse': allowed values are 'corrected', 'wrong'"):
+        ToyConfig(feedback_style="terse")
     with pytest.raises(ValueError, match="feedback_style"):
         grade_code("ab", "12", "12", "terse")
 

@@ -7,7 +7,10 @@ Entry point::
     res.status, res.stdout, res.stderr, res.returncode, res.wall_s, res.isolation, res.cgroup,
     res.warning
 
-``Sandbox`` holds the same options as an object (``Sandbox(timeout_s=5).run(code, stdin)``).
+``Sandbox`` holds the same options as an object (``Sandbox(timeout_s=5).run(code, stdin)``), in
+two frozen records: :class:`SandboxLimits` (time, memory, output, files, processes) and
+:class:`SandboxSettings` (isolation, interpreter, environment, cgroup), so a caller can build them
+once and share them (``Sandbox(limits, settings)``).
 ``run_python`` never raises because of what the code does; every outcome is a ``status``:
 
 ==================  ==========================================================================
@@ -140,9 +143,19 @@ mounted read-only); ``allow_site_packages=True`` drops ``-S``. bubblewrap 0.8 or
 required (for sized tmpfs mounts); older versions fail the self-check and fall back.
 """
 
+from .limits import SandboxLimits, SandboxSettings, split_sandbox_options
 from .results import ISOLATION_MODES as ISOLATION_MODES
 from .results import STATUSES as STATUSES
 from .results import SandboxResult, SandboxUnavailable
 from .runner import Sandbox, bwrap_status, run_python
 
-__all__ = ["run_python", "Sandbox", "SandboxResult", "SandboxUnavailable", "bwrap_status"]
+__all__ = [
+    "run_python",
+    "Sandbox",
+    "SandboxLimits",
+    "SandboxResult",
+    "SandboxSettings",
+    "SandboxUnavailable",
+    "bwrap_status",
+    "split_sandbox_options",
+]

@@ -13,45 +13,40 @@ import selectors
 import signal
 import subprocess
 import time
-from typing import TYPE_CHECKING
 
 from .cgroup import _Cgroup, _CgroupStats
+from .limits import Launch, SandboxLimits
 from .results import SandboxResult
-
-if TYPE_CHECKING:  # (the runner imports this module)
-    from .runner import Sandbox
 
 log = logging.getLogger(__package__)  # one logger for the whole sandbox package
 
-# Name of the variable that tags every process of a rlimits-only run, for the final sweep.
-_RUN_MARKER_VAR = "DISTIL_SANDBOX_RUN"
 # CPU time is accounted in scheduler ticks; a death by the CPU limit counts as a timeout when the
 # reported CPU time is within this much of the limit.
 _CPU_SLACK_S = 0.5
 
 
-def _execute(argv: list[str], launch_env: dict[str, str], cwd: str, child_fds: list[int], stdin_bytes: bytes,
-             status_r: int, info_r: int | None, cfg: Sandbox, use_bwrap: bool, run_id: str,
-             cgroup: _Cgroup | None) -> SandboxResult:
-    isolation = "bwrap" if use_bwrap else "rlimits-only"
+def execute(launch: Launch, limits: SandboxLimits, cgroup: _Cgroup | None) -> SandboxResult:
+    """Launch, feed and wait for one run (killing all of it at the end) and classify its ending.
+    Closes the launch's child pipe ends once the launched process holds them."""
+    isolation = launch.isolation
+    pipes = launch.pipes
     t0 = time.monotonic()
     try:
         # A new session: the launched process leads its own process group, which is killed whole.
         # It enters the run's cgroup before it execs bwrap (or the supervisor), so everything the
         # run starts is inside from the start.
-        if cgroup is not None:
-            argv = cgroup.launcher(argv)
+        argv = list(launch.argv) if cgroup is None else cgroup.launcher(list(launch.argv))
         proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                env=launch_env, cwd=cwd, pass_fds=child_fds, start_new_session=True)
+                                env=dict(launch.env), cwd=launch.cwd, pass_fds=pipes.child_ends(),
+                                start_new_session=True)
     except OSError as e:
         return SandboxResult("sandbox_error", "", f"could not launch the sandbox: {e}", None,
                              time.monotonic() - t0, isolation)
-    while child_fds:
-        os.close(child_fds.pop())
-    tree = _ProcessTree(proc, use_bwrap, run_id, cgroup)
+    pipes.close_child_ends()
+    tree = _ProcessTree(proc, launch, cgroup)
     try:
-        pump = _StreamPump(proc, stdin_bytes, status_r, info_r, cfg.max_output_bytes)
-        killed_for = pump.pump(t0 + cfg.timeout_s, tree)
+        pump = _StreamPump(proc, launch.stdin, pipes.status_r, pipes.info_r, limits.max_output_bytes)
+        killed_for = pump.pump(t0 + limits.timeout_s, tree)
         tree.kill()
         pump.drain()
     finally:
@@ -62,8 +57,8 @@ def _execute(argv: list[str], launch_env: dict[str, str], cwd: str, child_fds: l
             except OSError:
                 pass
     wall = time.monotonic() - t0
-    stdout = pump.out[1][: cfg.max_output_bytes].decode("utf-8", errors="replace")
-    stderr = pump.out[2][: cfg.max_output_bytes].decode("utf-8", errors="replace")
+    stdout = pump.out[1][: limits.max_output_bytes].decode("utf-8", errors="replace")
+    stderr = pump.out[2][: limits.max_output_bytes].decode("utf-8", errors="replace")
     events = _parse_events(pump.status)
     res = SandboxResult("runtime_error", stdout, stderr, None, wall, isolation)
     res.cgroup = cgroup.version if cgroup is not None else None
@@ -90,7 +85,7 @@ def _execute(argv: list[str], launch_env: dict[str, str], cwd: str, child_fds: l
             res.returncode = -res.signal
         else:
             res.returncode = os.waitstatus_to_exitcode(ws)
-    res.status = _classify(res, cfg, cgroup.stats() if cgroup is not None else None)
+    res.status = _classify(res, limits, cgroup.stats() if cgroup is not None else None)
     return res
 
 
@@ -98,7 +93,7 @@ _MEMORY_LINE = re.compile(r"MemoryError|Cannot allocate memory|out of memory|bad
 _MEMORY_SIGNALS = (signal.SIGKILL, signal.SIGSEGV, signal.SIGBUS, signal.SIGABRT)
 
 
-def _classify(res: SandboxResult, cfg: Sandbox, memory: _CgroupStats | None) -> str:
+def _classify(res: SandboxResult, limits: SandboxLimits, memory: _CgroupStats | None) -> str:
     """The status of a run that ended by itself (see the table in the package docstring). What the
     program controls (its stderr, the signals it sends itself) never decides alone: only the
     kernel's accounting (rusage, cgroup counters) says whether a limit was really reached."""
@@ -108,13 +103,13 @@ def _classify(res: SandboxResult, cfg: Sandbox, memory: _CgroupStats | None) -> 
         return "ok"
     if res.returncode is None:
         return "runtime_error"  # the supervisor vanished
-    cpu_soft, cpu_hard = cfg._rlimits()["RLIMIT_CPU"]
+    cpu_soft, cpu_hard = limits.rlimits()["RLIMIT_CPU"]
     cpu_s = res.cpu_s or 0.0
     if res.signal == signal.SIGXCPU and cpu_s + _CPU_SLACK_S >= cpu_soft:
         return "timeout"
     if res.signal == signal.SIGKILL and cpu_s + _CPU_SLACK_S >= cpu_hard:
         return "timeout"  # SIGXCPU ignored, then the hard limit
-    near_limit = ((res.peak_rss_mb or 0.0) >= 0.8 * cfg.memory_mb
+    near_limit = ((res.peak_rss_mb or 0.0) >= 0.8 * limits.memory_mb
                   or (memory is not None and memory.near_limit()))
     if not near_limit:
         return "runtime_error"
@@ -253,8 +248,9 @@ class _ProcessTree:
     process group, plus a sweep for processes whose initial environment carries this run's
     marker."""
 
-    def __init__(self, proc: subprocess.Popen, use_bwrap: bool, run_id: str, cgroup: _Cgroup | None):
-        self.proc, self.use_bwrap, self.run_id, self.cgroup = proc, use_bwrap, run_id, cgroup
+    def __init__(self, proc: subprocess.Popen, launch: Launch, cgroup: _Cgroup | None):
+        self.proc, self.cgroup = proc, cgroup
+        self.use_bwrap, self.marker = launch.use_bwrap, launch.marker
         self.init_pidfd: int | None = None
         self._learned = False
         self._done = False
@@ -303,7 +299,7 @@ class _ProcessTree:
             os.close(self.init_pidfd)
             self.init_pidfd = None
         if not self.use_bwrap:
-            _sweep_marked(f"{_RUN_MARKER_VAR}={self.run_id}".encode())
+            _sweep_marked(self.marker)
         self._done = True
 
     def _stop_supervisor(self, grace_s: float = 2.0) -> None:

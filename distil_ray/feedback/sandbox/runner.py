@@ -6,22 +6,22 @@ made here too."""
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import logging
-import math
 import os
 import secrets
 import shutil
 import tempfile
 import threading
-from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Sequence
 
 from .cgroup import _CGROUP_PREFIX, _Cgroup
 from .host import _SYSTEM_DIRS, _fresh_uid, _Interpreter, _interpreter, _is_root
-from .process import _RUN_MARKER_VAR, _execute
-from .results import ISOLATION_MODES, SandboxResult, SandboxUnavailable
+from .limits import RUN_MARKER_VAR, Launch, ReportPipes, SandboxLimits, SandboxSettings, split_sandbox_options
+from .process import execute
+from .results import SandboxResult, SandboxUnavailable
 from .seccomp import _seccomp_for_host
 from .supervisor import _SUPERVISOR
 
@@ -33,11 +33,6 @@ _SANDBOX_WORK = "/work"
 # The only parts of /etc the interpreter needs (the dynamic linker's cache, and time zones).
 _ETC_FILES = ("/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/ld.so.conf.d", "/etc/localtime")
 _BASE_PATH = "/usr/local/bin:/usr/bin:/bin"
-# Processes of the sandbox itself in a run's cgroup: bwrap's monitor, the namespace's init and the
-# supervisor (only the supervisor in the fallback).
-_SANDBOX_TASKS = 3
-# Memory of those processes, on top of the program's budget in the run's cgroup limit.
-_CGROUP_SLACK_MB = 32
 
 # Process-wide state: self-check results, and which warnings have been logged already.
 _probe_lock = threading.Lock()
@@ -47,29 +42,25 @@ _log_lock = threading.Lock()  # (not _probe_lock: runs log while a probe holds t
 _logged_once: set[str] = set()  # warnings this process has logged
 
 
-@dataclass
 class Sandbox:
-    """Options of a run; :meth:`run` executes one program. Thread-safe: runs are independent."""
+    """The options of a run: ``limits`` (:class:`SandboxLimits`) and ``settings``
+    (:class:`SandboxSettings`); :meth:`run` executes one program. Thread-safe: runs are
+    independent.
 
-    timeout_s: float = 10.0  # wall clock, from launch to exit
-    memory_mb: int = 1024  # RLIMIT_AS of the program (and of each child it forks)
-    max_output_bytes: int = 1 << 20  # per stream; beyond it the run is killed (output_limit)
-    max_file_mb: int = 64  # RLIMIT_FSIZE, and the size of each tmpfs (/work, /tmp, /dev/shm)
-    max_processes: int = 64  # RLIMIT_NPROC (threads count too)
-    max_open_files: int = 1024  # RLIMIT_NOFILE
-    isolation: str = "auto"  # "auto" | "bwrap" | "rlimits"
-    python: str | None = None  # interpreter to run; default: the base interpreter of this Python
-    allow_site_packages: bool = False  # run without -S (only useful with a custom ``python``)
-    bwrap: str | None = None  # path of bwrap; default: found on PATH
-    tmp_root: str | None = None  # where run directories are made; default: tempfile.gettempdir()
-    env: dict[str, str] = field(default_factory=dict)  # extra variables for the program
-    use_cgroup: bool = True  # cap the run's total memory and tasks with a per-run cgroup, if possible
+    Any field of either record may also be given by keyword (``Sandbox(timeout_s=5,
+    isolation="rlimits")``); it replaces that field of ``limits`` / ``settings`` (or of the
+    defaults)."""
 
-    def __post_init__(self) -> None:
-        if self.isolation not in ISOLATION_MODES:
-            raise ValueError(f"isolation must be one of {ISOLATION_MODES}, not {self.isolation!r}")
-        if self.timeout_s <= 0 or self.memory_mb <= 0 or self.max_output_bytes <= 0:
-            raise ValueError("timeout_s, memory_mb and max_output_bytes must be positive")
+    def __init__(self, limits: SandboxLimits | None = None, settings: SandboxSettings | None = None,
+                 **options: Any):
+        limit_options, setting_options = split_sandbox_options(options)
+        limits = limits if limits is not None else SandboxLimits()
+        settings = settings if settings is not None else SandboxSettings()
+        self.limits = dataclasses.replace(limits, **limit_options) if limit_options else limits
+        self.settings = dataclasses.replace(settings, **setting_options) if setting_options else settings
+
+    def __repr__(self) -> str:
+        return f"Sandbox(limits={self.limits!r}, settings={self.settings!r})"
 
     # -- public ---------------------------------------------------------------------------------
 
@@ -90,15 +81,15 @@ class Sandbox:
     # -- isolation choice -------------------------------------------------------------------------
 
     def _bwrap_path(self) -> str | None:
-        return self.bwrap or shutil.which("bwrap") or shutil.which("bwrap", path=_BASE_PATH)
+        return self.settings.bwrap or shutil.which("bwrap") or shutil.which("bwrap", path=_BASE_PATH)
 
     def _choose_isolation(self) -> tuple[str, str | None]:
-        if self.isolation == "rlimits":
+        if self.settings.isolation == "rlimits":
             return "rlimits", _fallback_warning("rlimits-only isolation was requested")
         ok, why = self.bwrap_check()
         if ok:
             return "bwrap", None
-        if self.isolation == "bwrap":
+        if self.settings.isolation == "bwrap":
             raise SandboxUnavailable(why)
         return "rlimits", _fallback_warning(why)
 
@@ -108,7 +99,7 @@ class Sandbox:
         path = self._bwrap_path()
         if path is None:
             return False, "bubblewrap (bwrap) is not installed (see scripts/install_sandbox.sh)"
-        key = ("bwrap", path, _interpreter(self.python), os.geteuid())
+        key = ("bwrap", path, _interpreter(self.settings.python), os.geteuid())
         with _probe_lock:
             if key not in _probe_cache:
                 res = self._probe(use_bwrap=True, run_as=_fresh_uid() if _is_root() else None)
@@ -124,7 +115,7 @@ class Sandbox:
         (probed once per process: e.g. not when it lives under root's 0700 home)."""
         if not _is_root():
             return None
-        key = ("rlimits-uid", _interpreter(self.python))
+        key = ("rlimits-uid", _interpreter(self.settings.python))
         with _probe_lock:
             if key not in _probe_cache:
                 _probe_cache[key] = (self._probe(use_bwrap=False, run_as=_fresh_uid()).status == "ok", "")
@@ -132,9 +123,9 @@ class Sandbox:
         return _fresh_uid() if works else None
 
     def _probe(self, *, use_bwrap: bool, run_as: int | None) -> SandboxResult:
-        probe = Sandbox(timeout_s=20.0, memory_mb=max(self.memory_mb, 256), python=self.python,
-                        allow_site_packages=self.allow_site_packages, bwrap=self.bwrap, tmp_root=self.tmp_root,
-                        use_cgroup=self.use_cgroup)
+        # The same interpreter and containment, with default limits roomy enough for a start-up.
+        limits = SandboxLimits(timeout_s=20.0, memory_mb=max(self.limits.memory_mb, 256))
+        probe = Sandbox(limits, dataclasses.replace(self.settings, isolation="auto", env={}))
         res = probe._run("print('sandbox-ok')", "", (), use_bwrap=use_bwrap, run_as=run_as)
         if res.status == "ok" and res.stdout.strip() != "sandbox-ok":
             res.status = "sandbox_error"
@@ -142,29 +133,12 @@ class Sandbox:
 
     # -- one run ------------------------------------------------------------------------------
 
-    def _rlimits(self) -> dict[str, tuple[int, int]]:
-        cpu = math.ceil(self.timeout_s) + 1  # the wall clock normally fires first
-        mb = 1 << 20
-        return {
-            "RLIMIT_AS": (self.memory_mb * mb,) * 2,
-            "RLIMIT_CPU": (cpu, cpu + 1),  # soft: SIGXCPU, hard: SIGKILL
-            "RLIMIT_FSIZE": (self.max_file_mb * mb,) * 2,
-            "RLIMIT_NPROC": (self.max_processes,) * 2,
-            "RLIMIT_NOFILE": (self.max_open_files,) * 2,
-            "RLIMIT_CORE": (0, 0),
-        }
-
-    def _cgroup_memory_bytes(self) -> int:
-        """The run's total: the program's budget, its three tmpfs mounts (in the fallback the same
-        budget covers host tmpfs files), and the sandbox's own processes."""
-        return (self.memory_mb + 3 * self.max_file_mb + _CGROUP_SLACK_MB) << 20
-
     def _make_cgroup(self, run_id: str) -> tuple[_Cgroup | None, str | None]:
         """The run's cgroup, or None and the warning for the result."""
-        if not self.use_cgroup:
+        if not self.settings.use_cgroup:
             return None, "No cgroup limits this run (use_cgroup=False): " + _NO_CGROUP_EFFECT
-        cgroup, why = _Cgroup.create(_CGROUP_PREFIX + run_id, self._cgroup_memory_bytes(),
-                                     self.max_processes + _SANDBOX_TASKS)
+        cgroup, why = _Cgroup.create(_CGROUP_PREFIX + run_id, self.limits.cgroup_memory_bytes(),
+                                     self.limits.cgroup_max_tasks())
         if cgroup is None:
             return None, _log_once(f"SANDBOX DEGRADED: no cgroup limits this run ({why}): {_NO_CGROUP_EFFECT}")
         return cgroup, None
@@ -172,31 +146,19 @@ class Sandbox:
     def _run(self, code: str, stdin: str | bytes, args: Sequence[str], *, use_bwrap: bool,
              run_as: int | None) -> SandboxResult:
         """One execution. ``run_as``: the uid (= gid) the supervisor switches the program to."""
-        interp = _interpreter(self.python)
-        flags = ["-I"] if self.allow_site_packages else ["-I", "-S"]
+        interp = _interpreter(self.settings.python)
+        flags = ["-I"] if self.settings.allow_site_packages else ["-I", "-S"]
         stdin_bytes = stdin.encode("utf-8") if isinstance(stdin, str) else bytes(stdin)
-        run_dir = tempfile.mkdtemp(prefix="distil-sandbox-", dir=self.tmp_root)
-        # Write ends for the child: _execute closes (and removes) them once it has launched it,
-        # since our copies would keep the pipes from ever reporting end-of-file.
-        child_fds: list[int] = []
-        our_fds: list[int] = []
+        run_dir = tempfile.mkdtemp(prefix="distil-sandbox-", dir=self.settings.tmp_root)
         run_id = secrets.token_hex(8)
-        cgroup = None
+        cgroup = pipes = None
         try:
             cgroup, cgroup_warning = self._make_cgroup(run_id)
             abi, seccomp = _seccomp_for_host()
             seccomp_warning = None if abi else _log_once(
                 f"SANDBOX DEGRADED: no seccomp filter for this architecture ({os.uname().machine}): the program "
                 "may create user namespaces, use kernel keyrings, io_uring, bpf and ptrace.")
-            # The supervisor's status pipe, and bwrap's info pipe (it names the sandbox's init).
-            status_r, status_w = os.pipe()
-            our_fds.append(status_r)
-            child_fds.append(status_w)
-            info_r = info_w = None
-            if use_bwrap:
-                info_r, info_w = os.pipe()
-                our_fds.append(info_r)
-                child_fds.append(info_w)
+            pipes = ReportPipes(with_info=use_bwrap)
             code_path = os.path.join(run_dir, "main.py")
             with open(code_path, "w", encoding="utf-8") as f:
                 f.write(code)
@@ -210,10 +172,10 @@ class Sandbox:
                     os.chmod(run_dir, 0o755)
                     os.chown(work, run_as, run_as)
             env = {"PATH": _BASE_PATH, "HOME": work, "LANG": "C.UTF-8", "TMPDIR": "/tmp" if use_bwrap else work,
-                   **self.env}
+                   **self.settings.env}
             spec = {
-                "status_fd": status_w,
-                "rlimits": self._rlimits(),
+                "status_fd": pipes.status_w,
+                "rlimits": self.limits.rlimits(),
                 "uid": run_as,
                 "gid": run_as,
                 "keyctl_nr": abi.nr["keyctl"] if abi else None,
@@ -223,19 +185,19 @@ class Sandbox:
             }
             supervisor = [interp.executable, "-I", "-S", "-c", _SUPERVISOR, json.dumps(spec)]
             if use_bwrap:
-                argv = self._bwrap_argv(interp, code_path, env, info_w, root=_is_root()) + supervisor
+                argv = self._bwrap_argv(interp, code_path, env, pipes.info_w, root=_is_root()) + supervisor
                 # bwrap gets no secrets either: its init process is readable from inside.
                 launch_env, cwd = {"PATH": _BASE_PATH, "LANG": "C.UTF-8"}, "/"
             else:
                 argv = supervisor
-                launch_env, cwd = {**env, _RUN_MARKER_VAR: run_id}, work
-            res = _execute(argv, launch_env, cwd, child_fds, stdin_bytes, status_r, info_r, self, use_bwrap, run_id,
-                           cgroup)
+                launch_env, cwd = {**env, RUN_MARKER_VAR: run_id}, work
+            launch = Launch(tuple(argv), launch_env, cwd, stdin_bytes, use_bwrap, run_id, pipes)
+            res = execute(launch, self.limits, cgroup)
             res.warning = _join_warnings(res.warning, cgroup_warning, seccomp_warning)
             return res
         finally:
-            for fd in child_fds + our_fds:
-                _close_quietly(fd)
+            if pipes is not None:
+                pipes.close()
             if cgroup is not None:
                 cgroup.kill()  # (a no-op after a normal run; here for an exception on the way)
                 cgroup.remove()
@@ -243,7 +205,7 @@ class Sandbox:
 
     def _bwrap_argv(self, interp: _Interpreter, code_path: str, env: dict[str, str], info_fd: int, *,
                     root: bool) -> list[str]:
-        size = str(self.max_file_mb << 20)
+        size = str(self.limits.max_file_mb << 20)
         a = [self._bwrap_path() or "bwrap",
              "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
              "--hostname", "sandbox", "--die-with-parent", "--new-session", "--info-fd", str(info_fd)]
@@ -292,8 +254,9 @@ def run_python(code: str, stdin: str | bytes = "", *, timeout_s: float = 10.0, m
                **options) -> SandboxResult:
     """Run ``code`` (a Python program) on ``stdin`` in a sandbox; see the package docstring.
 
-    ``options`` are the other :class:`Sandbox` fields (``max_file_mb``, ``max_processes``,
-    ``python``, ``tmp_root``, ...). ``args`` become ``sys.argv[1:]``.
+    ``options`` are the other fields of :class:`SandboxLimits` and :class:`SandboxSettings`
+    (``max_file_mb``, ``max_processes``, ``python``, ``tmp_root``, ...). ``args`` become
+    ``sys.argv[1:]``.
     """
     sandbox = Sandbox(timeout_s=timeout_s, memory_mb=memory_mb, max_output_bytes=max_output_bytes,
                       isolation=isolation, **options)
@@ -332,13 +295,6 @@ def _fallback_warning(reason: str) -> str:
     if first:
         log.warning(msg)
     return msg
-
-
-def _close_quietly(fd: int) -> None:
-    try:
-        os.close(fd)
-    except OSError:
-        pass
 
 
 def _rmtree(path: str) -> None:
