@@ -32,6 +32,11 @@ from distil_ray.models.config import TinyModelConfig, WarmStartConfig
 
 SCHEMA_NAME = "run_config_schema"
 
+# Allowed values that more than one section (and the code behind them) share.
+ENGINE_BACKENDS = ("vllm", "hf")
+# float16 is left out on purpose: it would need loss scaling, which bfloat16 does not.
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
 # --------------------------------------------------------------------------- errors
 
 
@@ -171,8 +176,16 @@ class Section:
     CHOICES: ClassVar[Dict[str, tuple]] = {}
 
     def check(self) -> None:
+        """Raise :class:`ConfigError` on the first field that cannot run."""
+        self.check_choices()
+        self.check_values()
+
+    def check_choices(self) -> None:
         for name, allowed in self.CHOICES.items():
             check_choice(self.key(name), getattr(self, name), allowed)
+
+    def check_values(self) -> None:
+        """Ranges and formats (the sections override this)."""
 
     def key(self, name: str) -> str:
         return f"{self.KEY}.{name}"
@@ -207,7 +220,7 @@ class RayConfig(Section):
     include_dashboard: bool = False
     namespace: str = "distil_ray"
 
-    def check(self) -> None:
+    def check_values(self) -> None:
         self.positive("num_cpus", optional=True)
         if not self.namespace:
             raise ConfigError("ray.namespace='': must be a non-empty name")
@@ -216,15 +229,14 @@ class RayConfig(Section):
 @dataclass
 class ModelConfig(Section):
     KEY: ClassVar[str] = "model"
-    CHOICES: ClassVar[Dict[str, tuple]] = {"dtype": ("float32", "bfloat16")}
+    CHOICES: ClassVar[Dict[str, tuple]] = {"dtype": COMPUTE_DTYPES}
 
     path: Optional[str] = None  # HF directory or hub id; None builds the tiny model locally
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
     dtype: str = "float32"  # float32 | bfloat16
     tokenizer: Optional[str] = None  # None: the model's own
 
-    def check(self) -> None:
-        super().check()
+    def check_values(self) -> None:
         if self.path is None:
             self.nested("tiny")  # what vLLM and the tokenizer need (head_dim, vocab size, GQA ratio)
 
@@ -241,10 +253,14 @@ class TaskConfig(Section):
     # prompts longer than this many tokens (chat template included) are left out, and counted
     max_prompt_tokens: Optional[int] = None
 
-    def check(self) -> None:
-        from distil_ray.tasks import TASKS, task_class
+    def check_choices(self) -> None:
+        from distil_ray.tasks import TASKS
 
         check_choice("task.name", self.name, sorted(TASKS))
+
+    def check_values(self) -> None:
+        from distil_ray.tasks import task_class
+
         # The class is resolved (imported), never built: building a task may load data.
         section = task_class(self.name).config_class
         allowed = [f.name for f in dataclasses.fields(section)]
@@ -255,8 +271,13 @@ class TaskConfig(Section):
                 )
         try:
             section(**dict(self.kwargs))
-        except (TypeError, ValueError) as e:
+        except ValueError as e:  # the section's own check: its message starts with the field
             raise ConfigError(f"task.kwargs.{_one_line(e)}") from None
+        except TypeError as e:  # a value of the wrong type, met by a comparison in that check
+            raise ConfigError(
+                f"task.kwargs: a value of the wrong type for task {self.name!r} ({_one_line(e)}); "
+                f"the fields and their types are in {section.__module__}.{section.__name__}"
+            ) from None
         for name in ("train_split", "val_split"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ConfigError(f"task.{name}={getattr(self, name)!r}: must be a non-empty split name")
@@ -278,10 +299,12 @@ class AlgorithmConfig(Section):
     loss: Dict[str, Any] = field(default_factory=dict)
     advantages: Dict[str, Any] = field(default_factory=dict)  # of group_relative_advantages
 
-    def check(self) -> None:
+    def check_choices(self) -> None:
         from distil_ray.algorithms import ALGORITHMS
 
         check_choice("algorithm.name", self.name, tuple(ALGORITHMS))
+
+    def check_values(self) -> None:
         _check_loss(self)
         _check_advantages(self)
 
@@ -297,16 +320,16 @@ class AlgorithmConfig(Section):
         return dataclasses.asdict(self.spec.loss_config(**dict(self.loss)))
 
 
-@dataclass
 class SamplingSection(Section):
-    """What a request samples: the fields rollout and evaluation share."""
+    """What a request samples (``n_samples``, ``temperature``, ``top_p``): the fields rollout and
+    evaluation share, declared by each (their defaults differ), checked and turned into the
+    engines' sampling parameters here."""
 
-    n_samples: int = 4  # samples per prompt (a group)
-    temperature: float = 1.0  # 0 = greedy
-    top_p: float = 1.0
+    n_samples: int
+    temperature: float
+    top_p: float
 
-    def check(self) -> None:
-        super().check()
+    def check_values(self) -> None:
         self.at_least("n_samples", 1)
         self.at_least("temperature", 0.0)
         check_finite(self.key("temperature"), self.temperature)
@@ -323,22 +346,25 @@ class SamplingSection(Section):
 @dataclass
 class RolloutConfig(SamplingSection):
     KEY: ClassVar[str] = "rollout"
-    CHOICES: ClassVar[Dict[str, tuple]] = {"engine": ("vllm", "hf")}
+    CHOICES: ClassVar[Dict[str, tuple]] = {"engine": ENGINE_BACKENDS}
 
     engine: str = "vllm"  # vllm | hf
     num_workers: int = 1
     num_cpus: float = 0.25
     num_gpus: float = 0.0  # per worker; 1 on a GPU node
+    n_samples: int = 4  # rollouts per prompt (a group)
+    temperature: float = 1.0
+    top_p: float = 1.0
     max_new_tokens: int = 32
     stop: List[str] = field(default_factory=list)
     kv_cache_memory_bytes: int = 64 * 2**20
     max_num_seqs: int = 64
 
-    def check(self) -> None:
+    def check_values(self) -> None:
         self.at_least("num_workers", 1)
         self.positive("num_cpus")
         self.at_least("num_gpus", 0.0)
-        super().check()
+        super().check_values()
         self.at_least("max_new_tokens", 1)
         self.positive("kv_cache_memory_bytes")
         self.at_least("max_num_seqs", 1)
@@ -351,7 +377,7 @@ class FeedbackConfig(Section):
     num_workers: int = 1
     num_cpus: float = 0.25
 
-    def check(self) -> None:
+    def check_values(self) -> None:
         self.at_least("num_workers", 1)
         self.positive("num_cpus")
 
@@ -360,7 +386,7 @@ class FeedbackConfig(Section):
 class TeacherConfig(Section):
     KEY: ClassVar[str] = "teacher"
     CHOICES: ClassVar[Dict[str, tuple]] = {
-        "backend": ("vllm", "hf"),
+        "backend": ENGINE_BACKENDS,
         # reprompt (feedback / successful sibling) | reference_solution (OPSD)
         "context": ("reprompt", "reference_solution"),
         # the teacher's weights: current (the policy, synced each step) | ema (a moving average of
@@ -381,8 +407,7 @@ class TeacherConfig(Section):
     ema_rate: float = 0.05  # with update=ema: θ_T ← (1 − rate)·θ_T + rate·θ after each step
     reprompt: RepromptConfig = field(default_factory=RepromptConfig)
 
-    def check(self) -> None:
-        super().check()
+    def check_values(self) -> None:
         self.at_least("topk", 1)
         self.positive("num_cpus")
         self.at_least("num_gpus", 0.0)
@@ -399,7 +424,7 @@ class ReplayConfig(Section):
     capacity: int = 4096  # samples held at most
     max_staleness: int = 0  # 0: strictly on-policy
 
-    def check(self) -> None:
+    def check_values(self) -> None:
         self.at_least("max_staleness", 0)
         self.at_least("capacity", 1)
 
@@ -407,8 +432,7 @@ class ReplayConfig(Section):
 @dataclass
 class LearnerConfig(Section):
     KEY: ClassVar[str] = "learner"
-    # float16 is left out on purpose: it would need loss scaling, which bfloat16 does not.
-    CHOICES: ClassVar[Dict[str, tuple]] = {"backend": ("gloo", "nccl"), "dtype": ("float32", "bfloat16")}
+    CHOICES: ClassVar[Dict[str, tuple]] = {"backend": ("gloo", "nccl"), "dtype": COMPUTE_DTYPES}
 
     world_size: int = 2
     num_cpus: float = 0.5
@@ -420,7 +444,7 @@ class LearnerConfig(Section):
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
     adam_eps: float = 1e-8
     warmup_steps: int = 0
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # max global gradient norm; 0: no clipping
     micro_batch_size: int = 8
     logprob_chunk_size: int = 256
     # optimizer steps per generation batch, each on its own share of the prompt groups (SDPO's
@@ -429,8 +453,7 @@ class LearnerConfig(Section):
     # a collective that waits longer than this fails the step instead of hanging the run
     collective_timeout_s: float = 1800.0
 
-    def check(self) -> None:
-        super().check()
+    def check_values(self) -> None:
         self.at_least("world_size", 1)
         self.positive("num_cpus")
         self.at_least("num_gpus", 0.0)
@@ -442,7 +465,7 @@ class LearnerConfig(Section):
             raise ConfigError(f"learner.betas={betas!r}: must be two numbers in [0, 1)")
         self.positive("adam_eps")
         self.at_least("warmup_steps", 0)
-        self.positive("grad_clip")
+        self.at_least("grad_clip", 0.0)
         self.at_least("micro_batch_size", 1)
         self.at_least("updates_per_batch", 1)
         self.at_least("logprob_chunk_size", 1)
@@ -464,7 +487,7 @@ class TrainerConfig(Section):
     resume: str = "never"  # never | auto | <checkpoint directory>
     save_hf_at_end: bool = False
 
-    def check(self) -> None:
+    def check_values(self) -> None:
         self.at_least("total_steps", 1)
         self.at_least("prompts_per_step", 1)
         self.at_least("eval_every", 0)
@@ -484,13 +507,14 @@ class EvalConfig(SamplingSection):
 
     n_samples: int = 1
     temperature: float = 0.0
+    top_p: float = 1.0
     max_prompts: Optional[int] = None  # None: the whole validation split
     max_new_tokens: Optional[int] = None  # None: rollout.max_new_tokens
     keep_best: bool = True  # track the best val/accuracy and its step (logged as val/best_*)
     save_best: bool = False  # also save the best policy as a HF model in RUN_DIR/best_model
 
-    def check(self) -> None:
-        super().check()
+    def check_values(self) -> None:
+        super().check_values()
         self.at_least("max_prompts", 1, optional=True)
         self.at_least("max_new_tokens", 1, optional=True)
 
@@ -505,8 +529,7 @@ class LoggingConfig(Section):
     wandb_mode: str = "offline"  # offline | online | disabled
     console_every: int = 1
 
-    def check(self) -> None:
-        super().check()
+    def check_values(self) -> None:
         self.at_least("console_every", 1)
 
 
@@ -668,28 +691,34 @@ def validate(cfg) -> RunConfig:
     """Check every key and value that a type cannot; return the config as a :class:`RunConfig`.
 
     Accepts a ``RunConfig``, an OmegaConf ``DictConfig`` or a plain dict (merged onto the schema,
-    so unknown keys fail here too). Runs each section's own ``check()``, then the checks that span
-    sections; raises :class:`ConfigError` on the first problem found.
+    so unknown keys fail here too). Runs every section's allowed-value check first, then each
+    section's range checks with the checks that span sections where they belong; raises
+    :class:`ConfigError` on the first problem found.
     """
     cfg = to_run_config(cfg)
-    for section in (cfg.model, cfg.rollout, cfg.teacher, cfg.learner, cfg.logging, cfg.ray):
-        section.check()  # the allowed-value checks first, as a misspelt choice is the common error
+    sections = [cfg.ray, cfg.model, cfg.task, cfg.algorithm, cfg.rollout, cfg.feedback, cfg.teacher,
+                cfg.replay, cfg.learner, cfg.trainer, cfg.eval, cfg.logging]
+    for section in sections:  # a misspelt choice is the commonest error: it is named first
+        section.check_choices()
+    cfg.ray.check_values()
+    cfg.model.check_values()
+    if cfg.model.path is None and cfg.teacher.topk > cfg.model.tiny.vocab_size:
+        raise ConfigError(f"teacher.topk={cfg.teacher.topk}: must be <= model.tiny.vocab_size={cfg.model.tiny.vocab_size}")
     if cfg.warm_start.enabled:
         try:
             cfg.warm_start.check()
         except ValueError as e:
             raise ConfigError(_one_line(e)) from None
-    cfg.task.check()
-    cfg.algorithm.check()
+    cfg.task.check_values()
+    cfg.algorithm.check_values()
     if cfg.algorithm.spec.needs_advantages and cfg.rollout.n_samples < 2:
         raise ConfigError(
             f"rollout.n_samples={cfg.rollout.n_samples}: algorithm {cfg.algorithm.name!r} needs >= 2 "
             "(group-relative advantages of a single rollout are 0)"
         )
-    if cfg.model.path is None and cfg.teacher.topk > cfg.model.tiny.vocab_size:
-        raise ConfigError(f"teacher.topk={cfg.teacher.topk}: must be <= model.tiny.vocab_size={cfg.model.tiny.vocab_size}")
-    for section in (cfg.feedback, cfg.replay, cfg.trainer, cfg.eval):
-        section.check()
+    for section in (cfg.rollout, cfg.feedback, cfg.teacher, cfg.replay, cfg.learner, cfg.trainer, cfg.eval,
+                    cfg.logging):
+        section.check_values()
     per_step = cfg.trainer.prompts_per_step * cfg.rollout.n_samples
     if cfg.replay.capacity < per_step:
         raise ConfigError(

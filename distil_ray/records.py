@@ -46,6 +46,11 @@ class Prompt:
     def meta(self) -> dict[str, Any]:
         return self.example.meta
 
+    def without_reference(self) -> "Prompt":
+        """The same prompt without its reference data: all a rollout worker needs (a large test
+        set then does not travel to the engines every round)."""
+        return Prompt(dataclasses.replace(self.example, reference={}), self.prompt_ids)
+
 
 @dataclass
 class Rollout:

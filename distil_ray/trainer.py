@@ -282,7 +282,7 @@ class Trainer:
     def stream_rollouts(self, prompts: list[Prompt], sampling: SamplingConfig, version: int):
         """``(prompt uid, Rollout ref)`` in completion order across all rollout workers."""
         workers = self.rollout_workers
-        chunks = [prompts[i :: len(workers)] for i in range(len(workers))]
+        chunks = [[p.without_reference() for p in prompts[i :: len(workers)]] for i in range(len(workers))]
         streams = [
             w.stream.options(num_returns="streaming").remote(chunk, sampling, version)
             for w, chunk in zip(workers, chunks)

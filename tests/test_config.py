@@ -315,3 +315,15 @@ def test_actor_cpu_shares_must_fit_the_local_cluster():
         compose_config(["+experiment=tiny", "learner.num_cpus=1"])
     # grpo starts no teacher, so its share does not count
     compose_config(["+experiment=tiny", "algorithm=grpo", "learner.num_cpus=0.75"])
+
+
+def test_allowed_values_are_named_before_ranges_and_keys_keep_their_order():
+    # with several errors the misspelt choice comes first, whichever section holds it
+    assert _error(["rollout.num_workers=0", "teacher.backend=x"]).startswith("teacher.backend='x'")
+    assert "allowed keys under 'rollout' are engine, num_workers, num_cpus, num_gpus, n_samples" in _error(
+        ["rollout.nsamples=3"])
+
+
+def test_a_task_value_of_the_wrong_type_says_so():
+    message = _error(["+experiment=tiny", "+task.kwargs.num_symbols=abc"])
+    assert message.startswith("task.kwargs: a value of the wrong type for task 'toy'") and "ToyConfig" in message

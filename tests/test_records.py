@@ -37,3 +37,15 @@ def test_records_round_trip_the_object_store():
         assert not back.response_ids.flags.writeable  # read zero-copy from shared memory
     finally:
         ray.shutdown()
+
+
+def test_a_prompt_without_its_reference_keeps_what_the_student_sees():
+    from distil_ray.records import Prompt
+    from distil_ray.tasks.base import TaskExample
+
+    example = TaskExample("u1", "toy", [{"role": "user", "content": "q"}], {"tests": ["secret"]}, {"domain": "d"})
+    prompt = Prompt(example, np.arange(3, dtype=np.int32))
+    light = prompt.without_reference()
+    assert light.reference == {} and prompt.reference == {"tests": ["secret"]}  # the original keeps it
+    assert (light.uid, light.task, light.messages, light.meta) == (prompt.uid, prompt.task, prompt.messages, prompt.meta)
+    assert light.prompt_ids is prompt.prompt_ids

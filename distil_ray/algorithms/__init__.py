@@ -26,19 +26,20 @@ class Algorithm:
     needs_advantages: bool  # group-relative advantages from rewards
     train_on: str = "all"  # "all" rollouts, or "successful" ones only (SFT)
 
-    @functools.cached_property
+    @property
     def loss_config(self) -> type:
         """The loss's hyper-parameters as a typed section (``algorithm.loss``): a dataclass read off
         the loss function's keyword-only parameters, so the two can never drift apart. What the
         learner supplies per batch (:data:`LOSS_RUNTIME_ARGS`) is not configuration."""
-        return loss_config_class(self.loss_fn, f"{self.name.capitalize()}LossConfig")
+        return loss_config_class(self.loss_fn)
 
 
 # Loss arguments the learner supplies per batch; a config that set them would be overwritten.
 LOSS_RUNTIME_ARGS = frozenset({"group_ids", "behaviour_logprobs", "old_logprobs", "entropy", "denominator"})
 
 
-def loss_config_class(loss_fn: Callable, name: str) -> type:
+@functools.cache
+def loss_config_class(loss_fn: Callable) -> type:
     """A dataclass of ``loss_fn``'s configurable keyword-only parameters (types and defaults from
     its signature). The local-only ``ce_loss`` forwards to ``distil_loss`` with future credit
     switched off: its section is DistIL's without ``future_credit_coef``."""
@@ -51,6 +52,7 @@ def loss_config_class(loss_fn: Callable, name: str) -> type:
         for n, p in inspect.signature(fn).parameters.items()
         if p.kind is p.KEYWORD_ONLY and n not in dropped
     ]
+    name = "".join(part.capitalize() for part in loss_fn.__name__.split("_")) + "Config"  # DistilLossConfig
     return dataclasses.make_dataclass(name, fields, frozen=True)
 
 

@@ -7,6 +7,7 @@ vLLM is imported only when a vLLM engine is built, so this package imports witho
 
 from __future__ import annotations
 
+from distil_ray.config import ENGINE_BACKENDS
 from distil_ray.engines.base import Engine, EngineOptions, Sample, SamplingConfig, TeacherScores
 
 
@@ -20,7 +21,7 @@ def build_engine(backend: str, model_path: str, options: EngineOptions | None = 
         from distil_ray.engines.hf import HFEngine
 
         return HFEngine(model_path, options)
-    raise ValueError(f"engine backend {backend!r}: allowed values are 'vllm', 'hf'")
+    raise ValueError(f"engine backend {backend!r}: allowed values are {', '.join(map(repr, ENGINE_BACKENDS))}")
 
 
 __all__ = ["Engine", "EngineOptions", "Sample", "SamplingConfig", "TeacherScores", "build_engine"]

@@ -139,15 +139,13 @@ def strip_stop_text(text: str, stop: Sequence[str]) -> str:
     return text if cut < 0 else text[:cut]
 
 
-def configure_threads(num_threads: int | None) -> int:
-    """Set torch's intra-op threads for this process and return the count.
-
-    ``None`` takes the CPUs Ray assigned to the current actor (rounded up, at least 1), or
-    leaves torch's setting outside Ray. Must run before a vLLM CPU engine is built: its worker
-    replaces ``torch.set_num_threads`` with a no-op for the rest of the process.
+def configure_threads() -> int:
+    """Give torch as many intra-op threads as the CPUs Ray assigned to the current actor (rounded
+    up, at least 1) and return the count; outside an actor torch's setting stays. Must run before
+    a vLLM CPU engine is built: its worker replaces ``torch.set_num_threads`` with a no-op for the
+    rest of the process.
     """
-    if num_threads is None:
-        num_threads = _ray_assigned_cpus()
+    num_threads = _ray_assigned_cpus()
     if num_threads is None:
         return torch.get_num_threads()
     num_threads = max(1, int(num_threads))

@@ -19,7 +19,15 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 
-from distil_ray.engines.base import EngineOptions, Sample, SamplingConfig, TeacherScores, check_pairs, stop_cut
+from distil_ray.engines.base import (
+    EngineOptions,
+    Sample,
+    SamplingConfig,
+    TeacherScores,
+    check_pairs,
+    empty_scores,
+    stop_cut,
+)
 from distil_ray.models.lm_head import output_embedding
 
 
@@ -71,18 +79,14 @@ def score_topk(
 ) -> list[TeacherScores]:
     """Score each (teacher prompt, response) pair; one forward per pair (no padding to get wrong).
     Call it with the model in eval mode: dropout would add noise to the teacher's log-probs."""
-    if len(teacher_prompt_ids) != len(response_ids):
-        raise ValueError("one teacher prompt per response")
+    check_pairs(teacher_prompt_ids, response_ids)
     weight = output_embedding(model)
     body = model.get_decoder()
     device = weight.device
     out = []
     for prompt, response in zip(teacher_prompt_ids, response_ids):
-        if len(prompt) == 0:
-            raise ValueError("the teacher prompt is empty: the first response token has no state")
         if len(response) == 0:  # nothing to score: skip the forward pass
-            empty = torch.zeros(0, min(k, weight.shape[0]))
-            out.append(TeacherScores(empty.long(), empty, torch.zeros(0)))
+            out.append(empty_scores(min(k, weight.shape[0])))
             continue
         ids = torch.tensor([list(prompt) + list(response)], device=device)
         hidden = body(input_ids=ids, use_cache=False).last_hidden_state[0]
@@ -171,7 +175,6 @@ class HFEngine:
             yield i, j, Sample(tokens, token_lp[r, : len(tokens)].tolist(), reason)
 
     def score_topk(self, prompt_ids: list[list[int]], response_ids: list[list[int]], k: int) -> list[TeacherScores]:
-        check_pairs(prompt_ids, response_ids)
         return score_topk(self.model, prompt_ids, response_ids, k)
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:

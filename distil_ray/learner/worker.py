@@ -39,14 +39,14 @@ import torch.distributed as dist
 from torch import nn
 
 from distil_ray.algorithms.advantages import group_relative_advantages
-from distil_ray.config import AlgorithmConfig, LearnerConfig
+from distil_ray.config import COMPUTE_DTYPES, AlgorithmConfig, LearnerConfig
 from distil_ray.learner.forward import response_logprobs
 from distil_ray.learner.packing import Batch, micro_batches, pack
 from distil_ray.records import Scored
 from distil_ray.telemetry.reduce import MetricsSum
 
-# The compute dtypes ``learner.dtype`` names (LearnerConfig.CHOICES).
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# The compute dtypes ``learner.dtype`` may name.
+DTYPES = {name: getattr(torch, name) for name in COMPUTE_DTYPES}
 
 
 @dataclass(frozen=True)
@@ -305,7 +305,7 @@ class LearnerWorker:
         total = torch.nn.utils.get_total_norm([p.grad for p in params], norm_type=2.0)
         if isinstance(total, DTensor):
             total = total.full_tensor()  # the per-shard norms combined into the global norm
-        if self.cfg.grad_clip > 0:
+        if self.cfg.grad_clip > 0:  # 0: report the norm, clip nothing
             torch.nn.utils.clip_grads_with_norm_(params, self.cfg.grad_clip, total)
         return float(total)
 

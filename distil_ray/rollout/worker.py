@@ -26,7 +26,7 @@ class RolloutWorker:
         from transformers import AutoTokenizer
 
         # Threads first: the vLLM CPU worker disables torch.set_num_threads once it is built.
-        self.num_threads = configure_threads(None)
+        self.num_threads = configure_threads()
         self.engine_name = cfg.engine
         options = EngineOptions(dtype=dtype, seed=seed, kv_cache_memory_bytes=cfg.kv_cache_memory_bytes,
                                 max_num_seqs=cfg.max_num_seqs)

@@ -2,9 +2,10 @@
 
 For every rollout of one prompt it builds the teacher's context (SDPO's reprompt with a
 successful sibling's answer or the environment's feedback, or OPSD's reference solution),
-chat-templates it, appends the student's response token ids exactly as sampled, and asks the
-backend for the top-k log-probs at every response position. Rollouts without any signal keep
-correctly shaped zero arrays and ``distill_mask=False``; they are not sent to the backend.
+chat-templates it, appends the student's response token ids exactly as sampled, and asks its
+engine (``distil_ray.engines``) for the top-k log-probs at every response position. Rollouts
+without any signal keep correctly shaped zero arrays and ``distill_mask=False``; they are not sent
+to the engine.
 
 A plain class; the driver makes it an actor with ``ray.remote(TeacherScorer)``.
 """
@@ -35,7 +36,7 @@ class TeacherScorer:
         from transformers import AutoTokenizer
 
         # Threads first: a vLLM CPU backend disables torch.set_num_threads once it is built.
-        self.num_threads = configure_threads(None)
+        self.num_threads = configure_threads()
         # vLLM sizes its log-prob buffers by max_logprobs; 20 is its own default
         options = EngineOptions(dtype=dtype, seed=seed, kv_cache_memory_bytes=cfg.kv_cache_memory_bytes,
                                 max_logprobs=max(cfg.topk, 20))

@@ -857,3 +857,13 @@ def test_program_never_runs_outside_its_cgroup(monkeypatch, tmp_path):
     assert res.status == "sandbox_error", res
     assert "could not start the program" in res.stderr
     assert not (tmp_path / "ran").exists()
+
+
+def test_sandbox_and_its_settings_pickle_for_ray_actors():
+    import pickle
+
+    sb = Sandbox(SandboxLimits(memory_mb=256), isolation="rlimits", env={"GREETING": "hi"})
+    again = pickle.loads(pickle.dumps(sb))
+    assert again.limits == sb.limits and again.settings == sb.settings
+    with pytest.raises(TypeError):
+        again.settings.env["GREETING"] = "changed"  # type: ignore[index]

@@ -84,6 +84,11 @@ class SandboxSettings:
         # a read-only copy: the record is shared by every run of a Sandbox, from any thread
         object.__setattr__(self, "env", MappingProxyType(dict(self.env)))
 
+    def __reduce__(self):
+        # a mapping proxy does not pickle; the settings must (a task's grader ships them to Ray actors)
+        values = [dict(self.env) if f.name == "env" else getattr(self, f.name) for f in fields(self)]
+        return (type(self), tuple(values))
+
 
 def split_sandbox_options(options: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """``Sandbox(**options)`` keywords as (:class:`SandboxLimits` fields, :class:`SandboxSettings`
