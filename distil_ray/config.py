@@ -447,6 +447,10 @@ class LearnerConfig(Section):
     grad_clip: float = 1.0  # max global gradient norm; 0: no clipping
     micro_batch_size: int = 8
     logprob_chunk_size: int = 256
+    # recompute each decoder layer's activations in the backward instead of keeping them (about a
+    # third more compute, a fraction of the memory); None: on for a model given by model.path, off
+    # for the tiny model built locally (where memory is no concern and it only costs time)
+    activation_checkpointing: Optional[bool] = None
     # optimizer steps per generation batch, each on its own share of the prompt groups (SDPO's
     # LiveCodeBench runs take 32); the later ones are slightly off-policy and IS-corrected
     updates_per_batch: int = 1
@@ -585,17 +589,27 @@ def _check_loss(algorithm: AlgorithmConfig) -> None:
                 f"algorithm.loss.{key}: unknown key for algorithm {algorithm.name!r}; "
                 f"allowed keys are {', '.join(allowed)}"
             )
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    try:  # the types: a string where a number belongs fails here, naming the key
-        OmegaConf.merge(OmegaConf.structured(spec.loss_config), loss_kwargs)
-    except OmegaConfBaseException as e:
-        raise ConfigError(f"algorithm.loss.{e.full_key}: {_one_line(getattr(e, 'msg', e))}") from None
+    hints = typing.get_type_hints(spec.loss_config)
+    for key, value in loss_kwargs.items():  # the types: a string where a number belongs fails here
+        _check_type(f"algorithm.loss.{key}", value, hints[key])
     try:
         _dry_run_loss(spec, loss_kwargs)
     except (ValueError, TypeError) as e:
         raise ConfigError(_loss_value_message(spec, loss_kwargs, e)) from None
+
+
+def _check_type(key: str, value, hint) -> None:
+    """``value`` against a plain annotation (``float``, ``int``, ``str``, ``bool``, ``Optional[...]``).
+    Hand-written rather than OmegaConf's, so a learner rank checks its section with torch alone."""
+    args = typing.get_args(hint)
+    if type(None) in args:
+        if value is None:
+            return
+        (hint,) = [a for a in args if a is not type(None)]
+    allowed = {float: (int, float), int: (int,), str: (str,), bool: (bool,)}.get(hint, (object,))
+    if isinstance(value, bool) and hint is not bool or not isinstance(value, allowed):
+        raise ConfigError(f"{key}={value!r}: must be {'a number' if hint is float else hint.__name__}"
+                          + (" (or null)" if args else ""))
 
 
 def _check_advantages(algorithm: AlgorithmConfig) -> None:
@@ -702,6 +716,8 @@ def validate(cfg) -> RunConfig:
         section.check_choices()
     cfg.ray.check_values()
     cfg.model.check_values()
+    if cfg.learner.activation_checkpointing is None:  # resolved here, so the run's config shows it
+        cfg.learner.activation_checkpointing = cfg.model.path is not None
     if cfg.model.path is None and cfg.teacher.topk > cfg.model.tiny.vocab_size:
         raise ConfigError(f"teacher.topk={cfg.teacher.topk}: must be <= model.tiny.vocab_size={cfg.model.tiny.vocab_size}")
     if cfg.warm_start.enabled:

@@ -302,7 +302,9 @@ def test_a_section_checks_itself_outside_a_run():
 
 
 def test_loss_values_of_the_wrong_type_name_the_key():
-    assert _error(["algorithm.loss.gamma=fast"]).startswith("algorithm.loss.gamma: Value 'fast' of type 'str' could not be converted")
+    assert _error(["algorithm.loss.gamma=fast"]) == "algorithm.loss.gamma='fast': must be a number"
+    assert _error(["algorithm=sdpo", "algorithm.loss.is_clip=off"]) == "algorithm.loss.is_clip='off': must be a number (or null)"
+    assert _error(["algorithm.loss.baseline=1"]) == "algorithm.loss.baseline=1: must be str"
     # every hyper-parameter reaches the learner, defaults included
     cfg = compose_config(["algorithm=grpo"])
     assert cfg.algorithm.loss_kwargs()["clip_eps_high"] == 0.28

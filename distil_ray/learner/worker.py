@@ -49,6 +49,27 @@ from distil_ray.telemetry.reduce import MetricsSum
 DTYPES = {name: getattr(torch, name) for name in COMPUTE_DTYPES}
 
 
+def process_group_backend(backend: str) -> str:
+    """What ``init_process_group`` is given for ``learner.backend``.
+
+    NCCL serves CUDA tensors only, while a step's bookkeeping (token and sequence counts, timings,
+    metric sums, pickled metrics) is a handful of CPU numbers. Under NCCL the group therefore pairs
+    it with gloo for CPU tensors: those collectives need no device copy and no stream sync, and the
+    model's collectives (FSDP's all-gathers and reduce-scatters on CUDA tensors) go to NCCL. Gloo
+    alone serves both devices.
+    """
+    return "cpu:gloo,cuda:nccl" if backend == "nccl" else backend
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """CUDA: the most memory allocated since the last reset; CPU: this process's peak resident set."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
 @dataclass(frozen=True)
 class Rendezvous:
     """Where this rank sits in the process group and how it finds the others."""
@@ -126,7 +147,7 @@ class LearnerWorker:
         else:
             self.device = torch.device("cpu")
         dist.init_process_group(
-            backend, rank=rank, world_size=world_size,
+            process_group_backend(backend), rank=rank, world_size=world_size,
             init_method=f"tcp://{rendezvous.master_addr}:{rendezvous.master_port}",
             timeout=timedelta(seconds=cfg.collective_timeout_s),
         )
@@ -139,6 +160,12 @@ class LearnerWorker:
         model = AutoModelForCausalLM.from_pretrained(self.model_path, local_files_only=True, dtype=torch.float32)
         model.to(self.device)
         model.train()
+        if cfg.activation_checkpointing:
+            # Each decoder layer keeps only its input and recomputes the rest in the backward; set
+            # before fully_shard, so the recompute re-gathers that layer's shards like its forward.
+            # The non-reentrant form keeps the gradient exact (tests compare it to 1e-6).
+            model.config.use_cache = False
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         compute = DTYPES[cfg.dtype]
         for layer in model.get_decoder().layers:
             fully_shard(layer, mesh=self.mesh,
@@ -193,19 +220,27 @@ class LearnerWorker:
              torch.tensor([advantages.get(id(r), 0.0) for r in mb], dtype=torch.float32, device=self.device))
             for mb in micro_batches(records, self.cfg.micro_batch_size, split_large_groups=not self.whole_groups)
         ]
+        # Collective bookkeeping is CPU tensors: see process_group_backend.
         counts = torch.tensor([sum(b.num_loss_tokens for b, _ in batches),
-                               sum(b.num_loss_sequences for b, _ in batches)], dtype=torch.float64)
+                               sum(b.num_loss_sequences for b, _ in batches),
+                               sum(b.input_ids.numel() for b, _ in batches),  # positions computed
+                               sum(int(b.attention_mask.sum()) for b, _ in batches)],  # real tokens
+                              dtype=torch.float64)
         dist.all_reduce(counts)
-        n_micro = torch.tensor([len(batches)], dtype=torch.long)
-        dist.all_reduce(n_micro, op=dist.ReduceOp.MAX)
+        maxima = torch.tensor([len(batches), max((b.input_ids.numel() for b, _ in batches), default=0)],
+                              dtype=torch.long)
+        dist.all_reduce(maxima, op=dist.ReduceOp.MAX)
+        n_micro, max_micro_tokens = int(maxima[0]), int(maxima[1])
         global_tokens, global_seqs = float(counts[0]), float(counts[1])
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
         denominator = global_tokens if self.per_token_denominator else global_seqs
 
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum = 0.0
         loss_metrics = MetricsSum()  # the loss's own metrics, weighted by each micro-batch's tokens
-        for i in range(int(n_micro)):
+        for i in range(n_micro):
             if i < len(batches):
                 batch, adv = batches[i]
                 loss, metrics = self.root(self._micro_batch_loss, batch, adv, denominator)
@@ -223,15 +258,22 @@ class LearnerWorker:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
 
-        totals = torch.tensor([loss_sum, time.perf_counter() - t0], dtype=torch.float64)
-        dist.all_reduce(totals[:1])
-        elapsed = torch.tensor([totals[1]], dtype=torch.float64)
-        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+        loss_total = torch.tensor([loss_sum], dtype=torch.float64)
+        dist.all_reduce(loss_total)
+        slowest = torch.tensor([time.perf_counter() - t0, peak_memory_mb(self.device)], dtype=torch.float64)
+        dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+        elapsed = float(slowest[0])
         gathered: list[Any] = [None] * self.world_size
         dist.all_gather_object(gathered, loss_metrics)
-        out = {"loss": float(totals[0]), "grad_norm": grad_norm, "lr": float(lr),
+        positions, real_tokens = float(counts[2]), float(counts[3])
+        out = {"loss": float(loss_total[0]), "grad_norm": grad_norm, "lr": float(lr),
                "num_tokens": global_tokens, "num_sequences": global_seqs,
-               "num_micro_batches": float(n_micro), "time_s": float(elapsed)}
+               "num_micro_batches": float(n_micro), "time_s": elapsed,
+               "learner/peak_memory_mb": float(slowest[1]),
+               # left padding: positions computed that hold no token
+               "learner/padding_fraction": 1.0 - real_tokens / positions if positions else 0.0,
+               "learner/max_micro_batch_tokens": float(max_micro_tokens),
+               "learner/tokens_per_s": real_tokens / elapsed if elapsed > 0 else 0.0}
         out.update(MetricsSum().merge(gathered).result())
         out.update(self._rollout_metrics(rollout_sums))
         return out

@@ -146,7 +146,9 @@ def test_rank_without_records_joins_with_idle_micro_batches(ray_cluster, data):
                  if r.prompt_uid == records[0].prompt_uid]  # one success: a non-zero advantage
     assert [len(s) for s in split_groups(one_group, 2)] == [3, 0]
     algo = dict(algorithm="grpo", loss_kwargs={"clip_eps_low": 0.2}, advantage_kwargs={"normalize_std": True})
-    g = LearnerGroup(str(path), learner_config(), algorithm_config(**algo), name="learner-idle")
+    # with activation checkpointing: the recompute re-gathers each layer's shards on both ranks
+    g = LearnerGroup(str(path), learner_config(activation_checkpointing=True), algorithm_config(**algo),
+                     name="learner-idle")
     try:
         metrics = g.train_step(one_group)
         state = ray.get(g.state_dict_ref())

@@ -88,6 +88,38 @@ def test_bad_settings_name_the_key(section, key, value, name):
 
 
 @pytest.mark.timeout(240)
+@pytest.mark.parametrize("algorithm,loss_kwargs", [("distil", {"baseline": "group"}), ("grpo", {})])
+def test_activation_checkpointing_takes_the_same_step(setup, algorithm, loss_kwargs):
+    """Recomputing each layer in the backward changes memory, never the gradient."""
+    path, tok, records = setup
+    results = {}
+    for checkpointing in (False, True):
+        worker = new_worker(path, algorithm, loss_kwargs, micro_batch_size=2, activation_checkpointing=checkpointing)
+        try:
+            assert worker.model.is_gradient_checkpointing == checkpointing
+            results[checkpointing] = worker.train_step(records), worker.state_dict_numpy()
+        finally:
+            worker.close()
+    (m_off, s_off), (m_on, s_on) = results[False], results[True]
+    assert m_on["loss"] == pytest.approx(m_off["loss"], rel=1e-6) and m_on["grad_norm"] == pytest.approx(m_off["grad_norm"], rel=1e-6)
+    for k in s_off:
+        np.testing.assert_allclose(s_on[k], s_off[k], rtol=0, atol=1e-7, err_msg=k)
+
+
+def test_step_metrics_describe_memory_padding_and_throughput(setup):
+    path, tok, records = setup
+    worker = new_worker(path, "ce", micro_batch_size=4)
+    try:
+        m = worker.train_step(records)
+    finally:
+        worker.close()
+    lengths = [len(r.prompt_ids) + len(r.response_ids) for r in records if r.distill_mask and len(r.response_ids)]
+    assert 0.0 <= m["learner/padding_fraction"] < 1.0 and m["learner/peak_memory_mb"] > 100
+    assert m["learner/max_micro_batch_tokens"] <= 4 * max(lengths)
+    assert m["learner/tokens_per_s"] == pytest.approx(sum(lengths) / m["time_s"], rel=1e-6)
+
+
+@pytest.mark.timeout(240)
 def test_bfloat16_compute_keeps_float32_master_weights(setup):
     path, tok, records = setup
     results = {}

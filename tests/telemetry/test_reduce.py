@@ -32,3 +32,11 @@ def test_updates_reduce_with_equal_weight_and_absent_keys_do_not_dilute():
     out = reduce_metrics([{"loss": 1.0, "num_tokens": 5, "only_first": 7.0}, {"loss": 3.0, "num_tokens": 6}])
     assert out == {"loss": 2.0, "num_tokens": 11, "only_first": 7.0}
     assert is_count("rollout/num_samples") and is_count("num_micro_batches") and not is_count("tokens_per_s")
+
+
+def test_peaks_take_the_maximum_across_ranks_and_updates():
+    assert reduce_metrics([{"learner/peak_memory_mb": 900.0}, {"learner/peak_memory_mb": 1200.0}]) == {
+        "learner/peak_memory_mb": 1200.0}
+    a = MetricsSum().add({"learner/max_micro_batch_tokens": 64.0})
+    b = MetricsSum().add({"learner/max_micro_batch_tokens": 96.0})
+    assert MetricsSum().merge([a, b]).result() == {"learner/max_micro_batch_tokens": 96.0}
