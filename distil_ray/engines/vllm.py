@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Iterator, Sequence
 
+import numpy as np
 import torch
 
 from distil_ray.engines.base import (
@@ -184,8 +185,11 @@ class VLLMEngine:
         out: list[TeacherScores] = [empty_scores(k) for _ in response_ids]
         if todo:
             # One batched call: vLLM schedules the prefills together. max_tokens=1 because only the
-            # prompt positions matter; detokenize=False skips decoding the k strings per position.
-            params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=k, detokenize=False)
+            # prompt positions matter; detokenize=False skips decoding the k strings per position;
+            # flat_logprobs=True returns each request's log-probs as flat lists instead of one dict
+            # of Logprob objects per position, which _extract_topk reads with numpy.
+            params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=k, detokenize=False,
+                                    flat_logprobs=True)
             inputs = [
                 TokensPrompt(prompt_token_ids=[int(t) for t in prompt_ids[i]] + [int(t) for t in response_ids[i]])
                 for i in todo
@@ -203,19 +207,32 @@ class VLLMEngine:
 
 
 def _extract_topk(prompt_logprobs, prompt_len: int, response: Sequence[int], k: int) -> TeacherScores:
-    rows = prompt_logprobs[prompt_len : prompt_len + len(response)]
-    if len(rows) != len(response):
-        raise RuntimeError(f"vLLM returned {len(rows)} prompt log-prob rows for {len(response)} response tokens")
-    top_ids = torch.empty(len(response), k, dtype=torch.long)
-    top_lp = torch.empty(len(response), k)
-    token_lp = torch.empty(len(response))
-    for t, (row, token) in enumerate(zip(rows, response)):
-        token_lp[t] = row[int(token)].logprob
-        # vLLM adds the actual token to the top-k dict (k+1 entries when it is not among
-        # them); order by rank, then log-prob, and keep the best k.
-        best = sorted(row.items(), key=lambda kv: (kv[1].rank, -kv[1].logprob))[:k]
-        if len(best) < k:
-            raise RuntimeError(f"vLLM returned {len(best)} log-probs at a position, expected {k}")
-        top_ids[t] = torch.tensor([tok for tok, _ in best])
-        top_lp[t] = torch.tensor([lp.logprob for _, lp in best])
-    return TeacherScores(top_ids, top_lp, token_lp)
+    """The response rows of vLLM's flat prompt log-probs as ``[T, k]`` arrays.
+
+    Row ``p`` (the prediction of prompt token ``p``) holds ``k + 1`` entries: first the token that
+    is actually there (its log-prob and rank), then the top-k in rank order 1..k
+    (``vllm.logprobs.append_logprobs_for_next_position``). Reading them by index costs a few numpy
+    operations per request instead of a Python dict per position.
+    """
+    from vllm.logprobs import FlatLogprobs
+
+    if not isinstance(prompt_logprobs, FlatLogprobs):
+        raise TypeError(f"expected vLLM's FlatLogprobs (flat_logprobs=True), got {type(prompt_logprobs).__name__}")
+    T = len(response)
+    rows = slice(prompt_len, prompt_len + T)
+    starts = np.asarray(prompt_logprobs.start_indices[rows], dtype=np.int64)
+    ends = np.asarray(prompt_logprobs.end_indices[rows], dtype=np.int64)
+    if len(starts) != T:
+        raise RuntimeError(f"vLLM returned {len(starts)} prompt log-prob rows for {T} response tokens")
+    if T and not np.all(ends - starts == k + 1):
+        raise RuntimeError(f"vLLM returned {sorted(set((ends - starts).tolist()))} log-probs per position, "
+                           f"expected {k + 1} (the token and the top-{k})")
+    lo, hi = (int(starts[0]), int(ends[-1])) if T else (0, 0)
+    ids = np.asarray(prompt_logprobs.token_ids[lo:hi], dtype=np.int64)
+    logprobs = np.asarray(prompt_logprobs.logprobs[lo:hi], dtype=np.float32)
+    first = starts - lo
+    if T and not np.array_equal(ids[first], np.asarray(response, dtype=np.int64)):
+        raise RuntimeError("vLLM's prompt log-probs do not line up with the response tokens")
+    top = first[:, None] + 1 + np.arange(k)
+    return TeacherScores(torch.from_numpy(ids[top]), torch.from_numpy(logprobs[top]),
+                         torch.from_numpy(logprobs[first]))

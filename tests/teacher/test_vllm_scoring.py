@@ -120,3 +120,35 @@ def test_vllm_scorer_actor_equals_hf_scorer(ray_cluster):
     assert [g.distill_mask for g in got] == [False, True, True]
     assert ray.get(actor.stats.remote())["scored"] == 2
     ray.kill(actor)
+
+
+@ray.remote(num_cpus=0.5)
+def _flat_and_dict_scores(model_dir, prompts, responses, k):
+    """In a fresh actor process (vLLM pins torch threads for the rest of a process): the engine's
+    flat read-out, and the same request read the slow way, one dict of Logprob objects per position."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    engine = VLLMEngine(model_dir, EngineOptions(kv_cache_memory_bytes=64 << 20, max_logprobs=32))
+    flat = engine.score_topk(prompts, responses, k)
+    params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=k, detokenize=False)
+    outs = engine.llm.generate([TokensPrompt(prompt_token_ids=p + r) for p, r in zip(prompts, responses)], params,
+                               use_tqdm=False)
+    slow = []
+    for p, r, out in zip(prompts, responses, outs):
+        rows = out.prompt_logprobs[len(p):len(p) + len(r)]
+        best = [sorted(row.items(), key=lambda kv: (kv[1].rank, -kv[1].logprob))[:k] for row in rows]
+        slow.append(([[t for t, _ in b] for b in best], [[lp.logprob for _, lp in b] for b in best],
+                     [row[t].logprob for row, t in zip(rows, r)]))
+    return [(f.topk_ids.tolist(), f.topk_logprobs.tolist(), f.token_logprobs.tolist()) for f in flat], slow
+
+
+def test_flat_logprobs_read_out_equals_the_per_position_dicts(ray_cluster):
+    prompts, responses = random_pairs(3)
+    keep = [i for i, r in enumerate(responses) if r]
+    prompts, responses = [prompts[i] for i in keep], [responses[i] for i in keep]
+    flat, slow = ray.get(_flat_and_dict_scores.remote(str(tiny_model_dir()), prompts, responses, K), timeout=240)
+    for (f_ids, f_lp, f_tok), (s_ids, s_lp, s_tok) in zip(flat, slow):
+        assert f_ids == s_ids
+        np.testing.assert_array_equal(np.float32(f_lp), np.float32(s_lp))
+        np.testing.assert_array_equal(np.float32(f_tok), np.float32(s_tok))
