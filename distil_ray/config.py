@@ -445,7 +445,11 @@ class LearnerConfig(Section):
     adam_eps: float = 1e-8
     warmup_steps: int = 0
     grad_clip: float = 1.0  # max global gradient norm; 0: no clipping
-    micro_batch_size: int = 8
+    micro_batch_size: int = 8  # records per micro-batch at most
+    # padded positions per micro-batch (rows × longest row) at most; records then go longest first
+    # (little padding) and a prompt's group may be split, with its group statistics computed over
+    # the whole group first. None: micro_batch_size records of whole groups
+    max_tokens_per_micro_batch: Optional[int] = None
     logprob_chunk_size: int = 256
     # recompute each decoder layer's activations in the backward instead of keeping them (about a
     # third more compute, a fraction of the memory); None: on for a model given by model.path, off
@@ -471,6 +475,7 @@ class LearnerConfig(Section):
         self.at_least("warmup_steps", 0)
         self.at_least("grad_clip", 0.0)
         self.at_least("micro_batch_size", 1)
+        self.at_least("max_tokens_per_micro_batch", 1, optional=True)
         self.at_least("updates_per_batch", 1)
         self.at_least("logprob_chunk_size", 1)
         self.positive("collective_timeout_s")

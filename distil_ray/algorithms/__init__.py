@@ -35,7 +35,8 @@ class Algorithm:
 
 
 # Loss arguments the learner supplies per batch; a config that set them would be overwritten.
-LOSS_RUNTIME_ARGS = frozenset({"group_ids", "behaviour_logprobs", "old_logprobs", "entropy", "denominator"})
+LOSS_RUNTIME_ARGS = frozenset({"group_ids", "behaviour_logprobs", "old_logprobs", "entropy", "denominator",
+                               "credit_baseline_values"})
 
 
 @functools.cache

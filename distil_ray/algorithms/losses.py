@@ -176,6 +176,16 @@ def _common_metrics(prefix: str, mask, entropy=None, clipped=None) -> dict:
 # --------------------------------------------------------------------------- DistIL and CE
 
 
+def distil_returns(student_topk_logprobs, teacher_topk_logprobs, mask, *, gamma: float = 1.0,
+                   topk_norm: str = "renorm") -> torch.Tensor:
+    """The future-credit returns ``G_t = Σ_{i>t} γ^{i−t−1} CE_i`` (no gradient) that
+    :func:`distil_loss` computes: what a learner needs of every sibling to give a group that is
+    split across micro-batches its exact leave-one-out baseline."""
+    student, teacher = masked_inputs(mask, student_topk_logprobs, teacher_topk_logprobs)
+    student_logp, teacher_logp = topk_log_distributions(student.detach(), teacher, topk_norm)
+    return future_returns(cross_entropy(teacher_logp, student_logp), mask, gamma)
+
+
 def distil_loss(
     token_logprobs: torch.Tensor,
     student_topk_logprobs: torch.Tensor,
@@ -192,6 +202,7 @@ def distil_loss(
     is_clip: float | None = 2.0,
     entropy: torch.Tensor | None = None,
     denominator=None,
+    credit_baseline_values: torch.Tensor | None = None,
 ):
     """DistIL: forward cross-entropy from the teacher to the student along the student's own
     rollout, plus the future-credit term.
@@ -201,8 +212,10 @@ def distil_loss(
     over y ~ π_θ, is exactly ``∇_θ E_y Σ_t CE_t``: the local term is the dense distillation
     gradient, the future-credit term charges an early token with the disagreement it caused later.
     ``baseline='group'`` subtracts the leave-one-out mean over the prompt's other rollouts
-    (unbiased: see ``group_loo_baseline``); it needs all rollouts of a prompt in the same call, so
-    a learner that splits a batch into micro-batches must keep groups whole.
+    (unbiased: see ``group_loo_baseline``); it needs all rollouts of a prompt in the same call, or
+    ``credit_baseline_values``: the baseline ``[B, T]`` computed beforehand over the whole group
+    (``group_loo_baseline`` of every sibling's :func:`distil_returns`), which lets a learner split a
+    group across micro-batches without changing the loss.
 
     What "exact" assumes: the teacher at ``s_t`` is treated as fixed — as in DAgger, where the
     expert relabels the states the learner visited. When the feedback is computed from the whole
@@ -227,7 +240,10 @@ def distil_loss(
     metrics = {}
     if future_credit_coef != 0.0:
         returns = future_returns(ce.detach(), mask, gamma)
-        b = credit_baseline(returns, mask, baseline, group_ids)
+        if baseline == "group" and credit_baseline_values is not None:
+            b = torch.where(mask.bool(), credit_baseline_values.to(returns.dtype), torch.zeros_like(returns))
+        else:
+            b = credit_baseline(returns, mask, baseline, group_ids)
         credit = returns - b
         per_token = per_token + future_credit_coef * credit * token_logprobs
         metrics["distil/future_credit_abs"] = _masked_mean(credit.abs(), mask)

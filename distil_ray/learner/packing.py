@@ -35,6 +35,9 @@ class Batch:
     rewards: Tensor  # [B] float32
     group_ids: Tensor  # [B] long, one id per distinct prompt_uid, in order of first appearance
     policy_versions: Tensor  # [B] long
+    # [B, L] float32: a per-token baseline computed over whole groups beforehand (a group split
+    # across micro-batches), at the response columns; None when the loss computes its own
+    credit_baseline: Tensor | None = None
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -56,12 +59,14 @@ def sequence_length(record: Scored) -> int:
     return len(record.prompt_ids) + len(record.response_ids)
 
 
-def pack(records: Sequence[Scored], *, pad_id: int, topk: int | None, distill_only: bool = False) -> Batch:
+def pack(records: Sequence[Scored], *, pad_id: int, topk: int | None, distill_only: bool = False,
+         credit_baseline: Sequence[np.ndarray] | None = None) -> Batch:
     """Left-pad ``records`` into a :class:`Batch`.
 
     ``topk``: how many of the teacher's top-k columns to use (the first ``topk``, i.e. the most
     likely ones), or None for algorithms without a teacher. ``distill_only``: the response mask is
     0 for records whose ``distill_mask`` is False (no feedback, so no teacher signal).
+    ``credit_baseline``: one ``[T]`` array per record, placed at its response columns.
     """
     if not records:
         raise ValueError("pack needs at least one record")
@@ -115,7 +120,17 @@ def pack(records: Sequence[Scored], *, pad_id: int, topk: int | None, distill_on
         rewards=torch.tensor([float(r.reward) for r in records], dtype=torch.float32),
         group_ids=group_ids,
         policy_versions=torch.tensor([int(r.policy_version) for r in records], dtype=torch.long),
+        credit_baseline=None if credit_baseline is None else _at_response_columns(credit_baseline, records, L),
     )
+
+
+def _at_response_columns(values: Sequence[np.ndarray], records: Sequence[Scored], width: int) -> Tensor:
+    out = torch.zeros(len(records), width, dtype=torch.float32)
+    for i, (v, r) in enumerate(zip(values, records)):
+        T = len(r.response_ids)
+        if T:
+            out[i, width - T:] = _per_token(v, T, "credit_baseline", r)
+    return out
 
 
 def _per_token(values, T: int, name: str, r: Scored) -> Tensor:
@@ -166,6 +181,32 @@ def split_groups(records: Sequence[Scored], world_size: int) -> list[list[Scored
     balanced by token count (prompt + response) with :func:`balanced_split`."""
     parts = balanced_split([r.prompt_uid for r in records], [sequence_length(r) for r in records], world_size)
     return [[records[i] for i in part] for part in parts]
+
+
+def token_budget_micro_batches(records: Sequence[Scored], max_tokens: int, max_rows: int) -> list[list[Scored]]:
+    """Micro-batches whose padded size (rows × longest row) stays within ``max_tokens``, at most
+    ``max_rows`` records each; a record longer than the budget gets one of its own.
+
+    Records are taken longest first, so each micro-batch holds sequences of similar length and
+    left padding stays small; groups are split wherever the budget falls (a loss that needs the
+    whole group gets its group statistics computed beforehand).
+    """
+    if max_tokens < 1 or max_rows < 1:
+        raise ValueError(f"max_tokens={max_tokens!r}, max_rows={max_rows!r}: both must be >= 1")
+    order = sorted(range(len(records)), key=lambda i: (-sequence_length(records[i]), i))
+    out: list[list[Scored]] = []
+    current: list[Scored] = []
+    for i in order:
+        r = records[i]
+        # sorted longest first: the micro-batch's first record sets its width
+        width = sequence_length(current[0]) if current else sequence_length(r)
+        if current and (len(current) >= max_rows or (len(current) + 1) * width > max_tokens):
+            out.append(current)
+            current = []
+        current.append(r)
+    if current:
+        out.append(current)
+    return out
 
 
 def micro_batches(

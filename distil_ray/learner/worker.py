@@ -41,7 +41,8 @@ from torch import nn
 from distil_ray.algorithms.advantages import group_relative_advantages
 from distil_ray.config import COMPUTE_DTYPES, AlgorithmConfig, LearnerConfig
 from distil_ray.learner.forward import response_logprobs
-from distil_ray.learner.packing import Batch, micro_batches, pack
+from distil_ray.algorithms.losses import distil_returns
+from distil_ray.learner.packing import Batch, micro_batches, pack, token_budget_micro_batches
 from distil_ray.records import Scored
 from distil_ray.telemetry.reduce import MetricsSum
 
@@ -132,8 +133,10 @@ class LearnerWorker:
         # The global denominator follows the loss's aggregation: tokens for token-mean, sequences
         # (with at least one loss token) for the per-sequence modes.
         self.per_token_denominator = self.loss_kwargs.get("loss_agg", "token-mean") == "token-mean"
-        # The leave-one-out baseline compares siblings within one loss call: keep groups whole.
+        # The leave-one-out baseline compares siblings: without a token budget groups stay whole in
+        # one micro-batch; with one they are split and the baseline is computed over the group first.
         self.whole_groups = self.loss_kwargs.get("baseline", "none") == "group"
+        self.splits_groups = self.whole_groups and cfg.max_tokens_per_micro_batch is not None
 
         random.seed(seed)
         np.random.seed(seed)
@@ -215,22 +218,29 @@ class LearnerWorker:
         # Records without loss tokens change neither the loss nor its denominator: skip the compute.
         records = [r for r in records if len(r.response_ids) and (not distill_only or r.distill_mask)]
         topk = self._topk(records) if algo.needs_teacher else None
-        batches = [
-            (pack(mb, pad_id=self.pad_id, topk=topk, distill_only=distill_only).to(self.device),
-             torch.tensor([advantages.get(id(r), 0.0) for r in mb], dtype=torch.float32, device=self.device))
-            for mb in micro_batches(records, self.cfg.micro_batch_size, split_large_groups=not self.whole_groups)
-        ]
+        parts = self._micro_batch_records(records)
         # Collective bookkeeping is CPU tensors: see process_group_backend.
+        n_micro_t = torch.tensor([len(parts)], dtype=torch.long)
+        dist.all_reduce(n_micro_t, op=dist.ReduceOp.MAX)
+        n_micro = int(n_micro_t)
+        # A budget may split a prompt's group; the leave-one-out baseline then comes from a pass
+        # over every sibling first, so the loss is the whole group's all the same.
+        baselines = self._group_baselines(parts, topk, n_micro) if self.splits_groups else None
+        batches = [
+            (pack(mb, pad_id=self.pad_id, topk=topk, distill_only=distill_only,
+                  credit_baseline=None if baselines is None else [baselines[id(r)] for r in mb]).to(self.device),
+             torch.tensor([advantages.get(id(r), 0.0) for r in mb], dtype=torch.float32, device=self.device))
+            for mb in parts
+        ]
         counts = torch.tensor([sum(b.num_loss_tokens for b, _ in batches),
                                sum(b.num_loss_sequences for b, _ in batches),
                                sum(b.input_ids.numel() for b, _ in batches),  # positions computed
                                sum(int(b.attention_mask.sum()) for b, _ in batches)],  # real tokens
                               dtype=torch.float64)
         dist.all_reduce(counts)
-        maxima = torch.tensor([len(batches), max((b.input_ids.numel() for b, _ in batches), default=0)],
-                              dtype=torch.long)
-        dist.all_reduce(maxima, op=dist.ReduceOp.MAX)
-        n_micro, max_micro_tokens = int(maxima[0]), int(maxima[1])
+        largest = torch.tensor([max((b.input_ids.numel() for b, _ in batches), default=0)], dtype=torch.long)
+        dist.all_reduce(largest, op=dist.ReduceOp.MAX)
+        max_micro_tokens = int(largest)
         global_tokens, global_seqs = float(counts[0]), float(counts[1])
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -308,6 +318,48 @@ class LearnerWorker:
         # Ranks must agree on K only through the records; the smallest common K is always valid.
         return min(ks) if ks else 1
 
+    def _micro_batch_records(self, records: Sequence[Scored]) -> list[list[Scored]]:
+        budget = self.cfg.max_tokens_per_micro_batch
+        if budget is not None:
+            return token_budget_micro_batches(records, budget, self.cfg.micro_batch_size)
+        return micro_batches(records, self.cfg.micro_batch_size, split_large_groups=not self.whole_groups)
+
+    def _group_baselines(self, parts: Sequence[Sequence[Scored]], topk: int, n_micro: int) -> dict[int, np.ndarray]:
+        """Each record's leave-one-out future-credit baseline over its whole group (its siblings
+        may sit in other micro-batches): a no-grad pass at the current weights gives every
+        record's returns, as the loss would compute them (collective: ranks pad to ``n_micro``)."""
+        from distil_ray.algorithms.advantages import group_loo_baseline
+
+        returns: dict[int, torch.Tensor] = {}
+        for i in range(n_micro):
+            if i >= len(parts):
+                self._inference(self._idle_loss)
+                continue
+            batch = pack(parts[i], pad_id=self.pad_id, topk=topk, distill_only=True).to(self.device)
+            G = self._inference(self._returns, batch).double().cpu()
+            width = G.shape[1]
+            for row, r in enumerate(parts[i]):
+                returns[id(r)] = G[row, width - len(r.response_ids):]
+        records = [r for part in parts for r in part]
+        if not records:
+            return {}
+        lengths = [len(r.response_ids) for r in records]
+        values = torch.zeros(len(records), max(lengths), dtype=torch.float64)
+        mask = torch.zeros_like(values)
+        for row, (r, T) in enumerate(zip(records, lengths)):
+            values[row, :T], mask[row, :T] = returns[id(r)], 1.0
+        uid_index: dict[str, int] = {}
+        groups = torch.tensor([uid_index.setdefault(r.prompt_uid, len(uid_index)) for r in records])
+        loo = group_loo_baseline(values, mask, groups)
+        return {id(r): loo[row, :T].numpy() for row, (r, T) in enumerate(zip(records, lengths))}
+
+    def _returns(self, policy, batch: Batch) -> torch.Tensor:
+        out = response_logprobs(policy, batch.input_ids, batch.attention_mask, batch.response_mask, batch.topk_ids,
+                                temperature=self.temperature, chunk_size=self.cfg.logprob_chunk_size)
+        return distil_returns(out.topk_logprobs, batch.teacher_topk_logprobs, batch.response_mask,
+                              gamma=self.loss_kwargs.get("gamma", 1.0),
+                              topk_norm=self.loss_kwargs.get("topk_norm", "renorm"))
+
     def _micro_batch_loss(self, policy, batch: Batch, advantages: torch.Tensor, denominator: float):
         algo = self.algorithm
         out = response_logprobs(
@@ -324,6 +376,8 @@ class LearnerWorker:
                 kwargs["group_ids"] = batch.group_ids
             if _accepts(fn, "behaviour_logprobs"):
                 kwargs["behaviour_logprobs"] = batch.behaviour_logprobs
+            if batch.credit_baseline is not None:
+                kwargs["credit_baseline_values"] = batch.credit_baseline
             return fn(out.token_logprobs, out.topk_logprobs, batch.teacher_topk_logprobs, mask, **kwargs)
         if algo.needs_advantages:
             return fn(out.token_logprobs, mask, advantages, old_logprobs=batch.behaviour_logprobs, **kwargs)

@@ -145,3 +145,36 @@ def test_micro_batches_keep_groups_whole():
     # a group larger than the micro-batch size: cut, or kept whole on request
     assert [len(m) for m in micro_batches(records, 2)] == [2, 1, 2, 2, 2, 1, 2]
     assert [len(m) for m in micro_batches(records, 2, split_large_groups=False)] == [3, 4, 2, 1, 2]
+
+
+def _record(uid: str, index: int, prompt: int, response: int) -> Scored:
+    return Scored(prompt_uid=uid, sample_index=index, response_ids=np.ones(response, np.int32),
+                  behaviour_logprobs=np.zeros(response, np.float32), finish_reason="stop", policy_version=0,
+                  text="", prompt_ids=np.ones(prompt, np.int32))
+
+
+def test_token_budget_micro_batches_cover_every_record_within_the_budget():
+    from distil_ray.learner.packing import sequence_length, token_budget_micro_batches
+
+    rng = np.random.default_rng(0)
+    records = [_record(f"g{g}", i, 5, int(rng.integers(1, 60))) for g in range(4) for i in range(8)]
+    records.append(_record("long", 0, 5, 200))  # longer than the budget on its own
+    parts = token_budget_micro_batches(records, max_tokens=128, max_rows=6)
+    assert sorted(id(r) for p in parts for r in p) == sorted(id(r) for r in records)  # each record once
+    for part in parts:
+        width = max(map(sequence_length, part))
+        assert len(part) <= 6 and (len(part) * width <= 128 or len(part) == 1)
+    lengths = [sequence_length(r) for p in parts for r in p]
+    assert lengths == sorted(lengths, reverse=True)  # longest first: little padding
+    assert [sequence_length(r) for r in parts[0]] == [205]
+    with pytest.raises(ValueError, match="max_tokens"):
+        token_budget_micro_batches(records, max_tokens=0, max_rows=1)
+
+
+def test_a_credit_baseline_lands_on_the_response_columns():
+    from distil_ray.learner.packing import pack
+
+    records = [_record("g", 0, 2, 3), _record("g", 1, 1, 1)]
+    batch = pack(records, pad_id=0, topk=None, credit_baseline=[np.array([1.0, 2.0, 3.0]), np.array([7.0])])
+    assert batch.credit_baseline.tolist() == [[0.0, 0.0, 1.0, 2.0, 3.0], [0.0, 0.0, 0.0, 0.0, 7.0]]
+    assert (batch.credit_baseline != 0).eq(batch.response_mask.bool()).all()

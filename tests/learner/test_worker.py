@@ -41,27 +41,34 @@ def setup():
     return path, tok, make_records(model, tok, n_prompts=5, samples=3, seed=1)
 
 
+ONE_SEQUENCE = {"max_tokens_per_micro_batch": 1}  # a token budget that splits every group into single records
 CASES = [
-    ("distil", {"baseline": "group"}, None),  # groups kept whole across micro-batches
-    ("ce", {"loss_agg": "seq-sum"}, None),  # a sequence-count denominator
-    ("sdpo", {"alpha": 0.5}, None),
-    ("opsd", {}, None),
-    ("grpo", {"clip_ratio_c": 3.0}, {"normalize_std": True}),
-    ("sft", {"loss_agg": "seq-mean-token-mean"}, None),
+    ("distil", {"baseline": "group"}, None, {}),  # groups kept whole across micro-batches
+    ("distil", {"baseline": "group", "gamma": 0.9}, None, ONE_SEQUENCE),  # the group baseline computed first
+    ("ce", {"loss_agg": "seq-sum"}, None, {}),  # a sequence-count denominator
+    ("sdpo", {"alpha": 0.5}, None, {}),
+    ("sdpo", {"alpha": 0.5}, None, ONE_SEQUENCE),
+    ("opsd", {}, None, {}),
+    ("grpo", {"clip_ratio_c": 3.0}, {"normalize_std": True}, {}),
+    ("grpo", {"clip_ratio_c": 3.0}, {"normalize_std": True}, ONE_SEQUENCE),
+    ("sft", {"loss_agg": "seq-mean-token-mean"}, None, {}),
 ]
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("algorithm,loss_kwargs,advantage_kwargs", CASES, ids=[c[0] for c in CASES])
-def test_micro_batched_step_equals_one_full_batch_step(setup, algorithm, loss_kwargs, advantage_kwargs):
+@pytest.mark.parametrize("algorithm,loss_kwargs,advantage_kwargs,learner", CASES,
+                         ids=[c[0] + ("-one-sequence" if c[3] else "") for c in CASES])
+def test_micro_batched_step_equals_one_full_batch_step(setup, algorithm, loss_kwargs, advantage_kwargs, learner):
     path, tok, records = setup
-    worker = new_worker(path, algorithm, loss_kwargs, advantage_kwargs, micro_batch_size=2)
+    worker = new_worker(path, algorithm, loss_kwargs, advantage_kwargs, micro_batch_size=2, **learner)
     try:
         metrics = worker.train_step(records)
         state = worker.state_dict_numpy()
     finally:
         worker.close()
     assert metrics["num_micro_batches"] >= 2  # really accumulated
+    if learner:  # one record per micro-batch: every group was split
+        assert metrics["num_micro_batches"] == metrics["num_sequences"] and metrics["learner/padding_fraction"] == 0
     reference, _ = load_tiny(path)
     before = {k: v.clone() for k, v in reference.state_dict().items()}
     ref_loss, ref_norm = reference_step(reference, records, algorithm=algorithm, loss_kwargs=loss_kwargs,
