@@ -31,6 +31,7 @@ class _Entry:
     refs: list[Any]  # ObjectRefs of the records of one group (usually one ref to a list of records)
     num_records: int
     version: int
+    num_tokens: int = 0  # prompt + response tokens of the group's records (what balances the learner ranks)
 
 
 class ReplayBuffer:
@@ -50,8 +51,8 @@ class ReplayBuffer:
         # could never be accepted at all
         return self.queued == 0 or self.queued + num_records <= self.capacity
 
-    def put(self, refs: list[Any], num_records: int, version: int) -> None:
-        self._entries.append(_Entry(list(refs), num_records, version))
+    def put(self, refs: list[Any], num_records: int, version: int, *, num_tokens: int = 0) -> None:
+        self._entries.append(_Entry(list(refs), num_records, version, num_tokens))
         self.queued += num_records
         self.accepted += num_records
 
@@ -71,16 +72,18 @@ class ReplayBuffer:
     def ready(self, num_groups: int) -> bool:
         return len(self._entries) >= num_groups
 
-    def take(self, num_groups: int) -> tuple[list[Any], list[int]]:
-        """The oldest ``num_groups`` groups (FIFO: the stalest usable samples are trained on first)."""
-        refs, versions = [], []
+    def take(self, num_groups: int) -> tuple[list[Any], list[int], list[int]]:
+        """The oldest ``num_groups`` groups (FIFO: the stalest usable samples are trained on first):
+        their refs, and per group its policy version and token count."""
+        refs, versions, tokens = [], [], []
         for _ in range(min(num_groups, len(self._entries))):
             entry = self._entries.popleft()
             refs.extend(entry.refs)
             versions.append(entry.version)
+            tokens.append(entry.num_tokens)
             self.queued -= entry.num_records
             self.served += entry.num_records
-        return refs, versions
+        return refs, versions, tokens
 
     def stats(self) -> dict[str, int]:
         return {
@@ -100,7 +103,8 @@ class ReplayQueue:
         self.buffer = ReplayBuffer(cfg)
         self._changed = asyncio.Condition()
 
-    async def put(self, refs: list[Any], num_records: int, version: int, timeout_s: float | None = None) -> bool:
+    async def put(self, refs: list[Any], num_records: int, version: int, timeout_s: float | None = None, *,
+                  num_tokens: int = 0) -> bool:
         """Queue one group; waits while the queue is full. False if ``timeout_s`` ran out first."""
         async with self._changed:
             try:
@@ -109,13 +113,13 @@ class ReplayQueue:
                 )
             except asyncio.TimeoutError:
                 return False
-            self.buffer.put(refs, num_records, version)
+            self.buffer.put(refs, num_records, version, num_tokens=num_tokens)
             self._changed.notify_all()
             return True
 
     async def get(
         self, num_groups: int, current_version: int, timeout_s: float | None = None
-    ) -> tuple[list[Any], list[int]]:
+    ) -> tuple[list[Any], list[int], list[int]]:
         """The next ``num_groups`` groups usable at ``current_version``; stale ones are dropped first.
         Waits for producers; on timeout returns what there is (possibly nothing)."""
         async with self._changed:

@@ -132,8 +132,8 @@ class Trainer:
         for stage, seconds in self._rounds.pop(0).result().items():
             clock.add(stage, seconds)
 
-        refs = clock.timed("queue", self.take_batch)
-        train_metrics = clock.timed("learner", self.update_policy, refs)
+        batch = clock.timed("queue", self.take_batch)
+        train_metrics = clock.timed("learner", self.update_policy, batch)
         self.version += 1
         self.step += 1
         clock.timed("sync", self.weight_sync.push, self.version)
@@ -280,7 +280,7 @@ class Trainer:
         return self._producer.submit(self.produce, prompts, seed)
 
     def stream_rollouts(self, prompts: list[Prompt], sampling: SamplingConfig, version: int):
-        """``(prompt uid, Rollout ref)`` in completion order across all rollout workers."""
+        """``(prompt uid, token count, Rollout ref)`` in completion order across all rollout workers."""
         workers = self.rollout_workers
         chunks = [[p.without_reference() for p in prompts[i :: len(workers)]] for i in range(len(workers))]
         streams = [
@@ -296,10 +296,10 @@ class Trainer:
             except StopIteration:
                 streams.remove(stream)
                 continue
-            # each rollout is preceded by a small header naming its prompt: the driver routes by it
-            # and never pulls the record itself
-            uid = ray.get(header_ref)
-            yield uid, next(stream)
+            # each rollout is preceded by a small header naming its prompt and its length: the
+            # driver routes by it and never pulls the record itself
+            uid, num_tokens = ray.get(header_ref)
+            yield uid, num_tokens, next(stream)
 
     def produce(self, prompts: list[Prompt], seed: int) -> dict[str, float]:
         """Generate, grade and score one round; the finished groups go into the replay queue.
@@ -308,23 +308,26 @@ class Trainer:
         version = self.version  # the weights this round samples with (the last sync finished before it)
         sampling = self.cfg.rollout_sampling(seed=seed)
         groups: dict[str, list[ray.ObjectRef]] = defaultdict(list)
-        scored: list[ray.ObjectRef] = []  # one ref per complete group (a list of records)
+        group_tokens: dict[str, int] = defaultdict(int)
+        scored: list[tuple[ray.ObjectRef, int]] = []  # one ref per complete group (a list of records), its tokens
         graded_all: list[ray.ObjectRef] = []
-        for uid, rollout_ref in self.stream_rollouts(prompts, sampling, version):
+        for uid, num_tokens, rollout_ref in self.stream_rollouts(prompts, sampling, version):
             graded_ref = self.feedback.grade_ref(self.prompt_refs[uid], rollout_ref)
             graded_all.append(graded_ref)
             groups[uid].append(graded_ref)
+            group_tokens[uid] += num_tokens
             if len(groups[uid]) == sampling.n:  # the group is complete: on to the teacher
                 if self.teacher is not None:
-                    scored.append(self.teacher.score_group.remote(self.prompt_refs[uid], *groups[uid]))
+                    ref = self.teacher.score_group.remote(self.prompt_refs[uid], *groups[uid])
                 else:  # no teacher (grpo, sft): the group's graded records, gathered under one ref
-                    scored.append(_gather_group.remote(*groups[uid]))
+                    ref = _gather_group.remote(*groups[uid])
+                scored.append((ref, group_tokens[uid]))
         t_rollout = time.perf_counter()
         ray.wait(graded_all, num_returns=len(graded_all), fetch_local=False)
         t_feedback = time.perf_counter()
-        ray.wait(scored, num_returns=len(scored), fetch_local=False)
+        ray.wait([ref for ref, _ in scored], num_returns=len(scored), fetch_local=False)
         t_teacher = time.perf_counter()
-        ray.get([self.replay.put.remote([ref], sampling.n, version) for ref in scored])
+        ray.get([self.replay.put.remote([ref], sampling.n, version, num_tokens=tokens) for ref, tokens in scored])
         return {
             "rollout": t_rollout - t0,
             "feedback": t_feedback - t_rollout,
@@ -332,18 +335,21 @@ class Trainer:
             ("teacher" if self.teacher is not None else "group"): t_teacher - t_feedback,
         }
 
-    def take_batch(self) -> list[ray.ObjectRef]:
-        refs, versions = ray.get(self.replay.get.remote(self.cfg.trainer.prompts_per_step, self.version))
+    def take_batch(self) -> tuple[list[ray.ObjectRef], list[int]]:
+        """One ref per prompt group, and each group's token count."""
+        refs, versions, tokens = ray.get(self.replay.get.remote(self.cfg.trainer.prompts_per_step, self.version))
         if not refs:
             raise RuntimeError("the replay queue served no data: every group was too stale")
         # how many policy versions behind the learner the batch was sampled (0 when on-policy)
         self._last_lag = sum(self.version - v for v in versions) / len(versions)
-        return refs
+        return refs, tokens
 
-    def update_policy(self, refs: list[ray.ObjectRef]) -> dict[str, float]:
-        """``learner.updates_per_batch`` optimizer steps, each on its own share of the batch's groups."""
+    def update_policy(self, batch: tuple[list[ray.ObjectRef], list[int]]) -> dict[str, float]:
+        """``learner.updates_per_batch`` optimizer steps, each on its own share of the batch's groups,
+        spread over the learner ranks by token count."""
+        refs, tokens = batch
         k = self.cfg.learner.updates_per_batch
-        out = reduce_metrics(self.learner.train_step(refs[i::k]) for i in range(k))
+        out = reduce_metrics(self.learner.train_step(refs[i::k], sizes=tokens[i::k]) for i in range(k))
         out["learner/updates"] = float(k)
         return out
 
@@ -353,7 +359,7 @@ class Trainer:
         prompts = self.val_prompts
         sampling = self.cfg.eval_sampling(seed=self.cfg.seed)
         graded_refs: dict[str, list[ray.ObjectRef]] = defaultdict(list)
-        for uid, rollout_ref in self.stream_rollouts(prompts, sampling, self.version):
+        for uid, _, rollout_ref in self.stream_rollouts(prompts, sampling, self.version):
             graded_refs[uid].append(self.feedback.grade_ref(self.prompt_refs[uid], rollout_ref))
         grades = []
         for p in prompts:

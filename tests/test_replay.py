@@ -9,10 +9,10 @@ from distil_ray.replay import ReplayBuffer, ReplayQueue
 
 def test_fifo_and_accounting():
     buf = ReplayBuffer(ReplayConfig(capacity=100, max_staleness=0))
-    buf.put(["a"], 4, version=0)
+    buf.put(["a"], 4, version=0, num_tokens=120)
     buf.put(["b"], 4, version=0)
-    refs, versions = buf.take(1)
-    assert refs == ["a"] and versions == [0]
+    refs, versions, tokens = buf.take(1)
+    assert refs == ["a"] and versions == [0] and tokens == [120]  # what balances the learner ranks
     s = buf.stats()
     assert (s["replay/accepted"], s["replay/served"], s["replay/queued"]) == (8, 4, 4)
 
@@ -23,7 +23,7 @@ def test_staleness_drops_old_groups_and_counts_them():
     buf.put(["v1"], 3, version=1)
     buf.put(["v2"], 2, version=2)
     assert buf.drop_stale(current_version=2) == 4  # version 0 is two versions behind
-    refs, versions = buf.take(5)
+    refs, versions, _ = buf.take(5)
     assert refs == ["v1", "v2"] and versions == [1, 2]
     s = buf.stats()
     assert s["replay/accepted"] == s["replay/served"] + s["replay/dropped"] + s["replay/queued"] == 9
@@ -34,7 +34,7 @@ def test_on_policy_drops_everything_older_than_current():
     buf = ReplayBuffer(ReplayConfig(capacity=10, max_staleness=0))
     buf.put(["old"], 1, version=3)
     buf.drop_stale(current_version=4)
-    assert buf.take(1) == ([], [])
+    assert buf.take(1) == ([], [], [])
 
 
 def test_capacity_and_bad_values():
@@ -57,7 +57,7 @@ def test_actor_back_pressure_and_refs_are_not_resolved(ray_cluster):
     blocked = queue.put.remote([records[1]], 4, 0)
     ready, _ = ray.wait([blocked], timeout=1.0)
     assert not ready
-    refs, versions = ray.get(queue.get.remote(1, 0))
+    refs, versions, _ = ray.get(queue.get.remote(1, 0))
     assert versions == [0] and isinstance(refs[0], ray.ObjectRef) and ray.get(refs[0]) == {"group": 0}
     assert ray.get(blocked, timeout=30)
     # a timed-out put reports False and loses nothing that was already queued
@@ -73,8 +73,8 @@ def test_actor_get_waits_for_producer(ray_cluster):
     time.sleep(0.3)
     ray.get(queue.put.remote([ray.put("a")], 1, 0))
     ray.get(queue.put.remote([ray.put("b")], 1, 0))
-    refs, _ = ray.get(pending, timeout=30)
+    refs, _, _ = ray.get(pending, timeout=30)
     assert [ray.get(r) for r in refs] == ["a", "b"]
     # a get that times out returns what there is, without losing it
-    refs, versions = ray.get(queue.get.remote(1, 0, 0.2))
+    refs, versions, _ = ray.get(queue.get.remote(1, 0, 0.2))
     assert refs == [] and versions == []

@@ -54,12 +54,14 @@ class RolloutWorker:
                 prompt_ids=np.array(prompt.prompt_ids, dtype=np.int32),  # a copy: records never share buffers across prompts
             )
 
-    def stream(self, prompts: list[Prompt], sampling: SamplingConfig, policy_version: int) -> Iterator[str | Rollout]:
+    def stream(self, prompts: list[Prompt], sampling: SamplingConfig,
+               policy_version: int) -> Iterator[tuple[str, int] | Rollout]:
         """``generate`` for a driver that routes records without fetching them: each Rollout is
-        preceded by its prompt uid (a tiny object), so the driver reads the uid and passes the
+        preceded by a tiny header, its prompt uid and its token count (prompt + response), so the
+        driver routes by the uid, balances the learner ranks by the counts, and passes the
         record's ObjectRef on untouched."""
         for rollout in self.generate(prompts, sampling, policy_version):
-            yield rollout.prompt_uid
+            yield rollout.prompt_uid, len(rollout.prompt_ids) + len(rollout.response_ids)
             yield rollout
 
     def update_weights(self, state: dict[str, np.ndarray], version: int) -> float:

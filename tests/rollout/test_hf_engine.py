@@ -130,9 +130,9 @@ def test_worker_records_and_unknown_engine(prompts, reference):
         np.testing.assert_array_equal(r.prompt_ids, src.prompt_ids)
         assert not np.shares_memory(r.prompt_ids, src.prompt_ids)
         assert r.text == tok.decode(r.response_ids, skip_special_tokens=True)
-    # stream(): each record preceded by its prompt uid
+    # stream(): each record preceded by its prompt uid and token count
     streamed = list(worker.stream(recs, SamplingConfig(n=2, temperature=1.0, max_new_tokens=6, seed=0), policy_version=7))
-    assert streamed[0::2] == [r.prompt_uid for r in streamed[1::2]]
+    assert streamed[0::2] == [(r.prompt_uid, len(r.prompt_ids) + len(r.response_ids)) for r in streamed[1::2]]
     assert [r.response_ids.tolist() for r in streamed[1::2]] == [r.response_ids.tolist() for r in rollouts]
     assert worker.version() == 0
     state = {"lm_head.weight": np.zeros_like(worker.engine.model.lm_head.weight.detach().numpy())}
