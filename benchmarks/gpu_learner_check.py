@@ -118,6 +118,10 @@ def main() -> int:
                 if cuda:
                     torch.cuda.synchronize()
                 step_s = time.perf_counter() - t0
+            # the learner's side of a weight sync: full weights gathered, in bfloat16 numpy
+            t0 = time.perf_counter()
+            sync_bytes = worker.weights("bfloat16").nbytes
+            sync_s = time.perf_counter() - t0
         finally:
             worker.close()
     tokens = args.seqs * (args.prompt + args.response)
@@ -132,6 +136,7 @@ def main() -> int:
     print(f"{'step s':>8}{'tokens/s':>11}{'peak GiB':>10}{'MFU':>7}{'loss':>9}{'grad norm':>11}{'padding':>9}")
     print(f"{step_s:>8.2f}{tokens / step_s:>11.0f}{metrics['learner/peak_memory_mb'] / 1024:>10.1f}{mfu:>7.1%}"
           f"{metrics['loss']:>9.4f}{metrics['grad_norm']:>11.3g}{metrics['learner/padding_fraction']:>9.3f}")
+    print(f"weight sync, learner side: {sync_bytes / 2**30:.1f} GiB of bfloat16 weights gathered in {sync_s:.1f} s")
     if not (np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"])):
         print("the step is not finite", file=sys.stderr)
         return 1

@@ -267,7 +267,7 @@ class Trainer:
         self.learner = LearnerGroup(model_dir, cfg.learner, cfg.algorithm, temperature=cfg.rollout.temperature,
                                     seed=cfg.seed)
         self.weight_sync = WeightSync(self.learner, self.rollout_workers, self.teacher,
-                                      teacher_update=cfg.teacher.update)
+                                      teacher_update=cfg.teacher.update, dtype=cfg.model.dtype)
         self.weight_sync.connect()
         # each prompt, with its reference data (answer keys, tests), goes into the object store once
         self.prompt_refs = {p.uid: ray.put(p) for p in self.train_prompts + self.val_prompts}

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -164,6 +164,42 @@ def _ray_assigned_cpus() -> int | None:
         return None
     cpus = context.get_assigned_resources().get("CPU")
     return None if cpus is None else max(1, math.ceil(cpus))
+
+
+@dataclass
+class Weights:
+    """HF-named weights in the engines' dtype, as numpy arrays: what goes through the object store
+    at a weight sync (numpy arrays are read zero-copy). numpy has no bfloat16, so bfloat16 weights
+    travel as their int16 bit patterns and come back as bfloat16 tensors: half the bytes of the
+    float32 master weights, bit for bit what an engine would make of them."""
+
+    dtype: str  # "float32" | "bfloat16"
+    arrays: dict[str, np.ndarray]
+
+    @classmethod
+    def from_tensors(cls, tensors: Mapping[str, torch.Tensor], dtype: str) -> "Weights":
+        target = getattr(torch, dtype)
+        if dtype == "bfloat16":
+            arrays = {n: t.detach().to(target).view(torch.int16).cpu().numpy() for n, t in tensors.items()}
+        else:
+            arrays = {n: t.detach().to(target).cpu().numpy() for n, t in tensors.items()}
+        return cls(dtype, arrays)
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for name, array in self.arrays.items():
+            tensor = as_tensor(array)
+            yield name, tensor.view(torch.bfloat16) if self.dtype == "bfloat16" else tensor
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays.values())
+
+
+def as_weights(state: "Weights | Mapping[str, np.ndarray]") -> Weights:
+    """A sync's weights, or a plain mapping of arrays (taken as they are, e.g. float32)."""
+    if isinstance(state, Weights):
+        return state
+    return Weights(dtype="", arrays=dict(state))
 
 
 def as_tensor(value) -> torch.Tensor:

@@ -44,6 +44,9 @@ class LearnerActor:
     def state_dict_numpy(self):
         return self.worker.state_dict_numpy()
 
+    def weights(self, dtype: str):
+        return self.worker.weights(dtype)
+
     def sequence_logprobs(self, prompt_ids, response_ids):
         return self.worker.sequence_logprobs(prompt_ids, response_ids)
 
@@ -136,8 +139,15 @@ class LearnerGroup:
         return ray.get([a.train_step.remote(shard) for a, shard in zip(self.actors, shards)])[0]
 
     def state_dict_ref(self) -> ray.ObjectRef:
-        """An ObjectRef to rank 0's full numpy state dict; the dict itself stays out of the driver."""
-        refs = [a.state_dict_numpy.remote() for a in self.actors]
+        """An ObjectRef to rank 0's full float32 numpy state dict; the dict stays out of the driver."""
+        return self._rank0_ref("state_dict_numpy")
+
+    def weights_ref(self, dtype: str) -> ray.ObjectRef:
+        """An ObjectRef to rank 0's full weights in ``dtype`` (``distil_ray.engines.base.Weights``)."""
+        return self._rank0_ref("weights", dtype)
+
+    def _rank0_ref(self, method: str, *args) -> ray.ObjectRef:
+        refs = [getattr(a, method).remote(*args) for a in self.actors]
         ray.get(refs[1:])  # None from the others; waiting surfaces their errors
         ray.wait(refs[:1], fetch_local=False)
         return refs[0]

@@ -6,8 +6,9 @@ itself (``current``), a moving average of it that the teacher keeps and advances
 resume, so the two can never disagree about who gets what; a resumed EMA teacher loads its saved
 average instead of averaging the policy in once more.
 
-Transport today: the object store. Rank 0's full HF-named state dict is put once and every
-engine loads it in place. Other transports (vLLM's weight-transfer API over NCCL or gloo) plug in
+Transport today: the object store. Rank 0's full HF-named weights are put once, in the engines'
+dtype (bfloat16 halves the bytes of the float32 master weights), and every engine loads them in
+place. Other transports (vLLM's weight-transfer API over NCCL or gloo) plug in
 behind the same ``connect`` / ``push`` / ``restore`` / ``close``.
 """
 
@@ -23,13 +24,16 @@ TEACHER_EMA = "teacher_ema.safetensors"
 
 
 class WeightSync:
-    def __init__(self, learner, rollout_workers: Sequence, teacher=None, *, teacher_update: str = "current"):
+    def __init__(self, learner, rollout_workers: Sequence, teacher=None, *, teacher_update: str = "current",
+                 dtype: str = "float32"):
         """``learner``: the LearnerGroup (the weights' source); ``rollout_workers`` and ``teacher``
-        (None without one): the actors that hold engines; ``teacher_update``: ``teacher.update``."""
+        (None without one): the actors that hold engines; ``teacher_update``: ``teacher.update``;
+        ``dtype``: the engines' (``model.dtype``), in which the weights travel."""
         self.learner = learner
         self.rollout_workers = list(rollout_workers)
         self.teacher = teacher
         self.teacher_update = teacher_update
+        self.dtype = dtype
 
     def connect(self) -> None:
         """Set the transport up (the object store needs nothing)."""
@@ -38,7 +42,7 @@ class WeightSync:
         """The learners' weights, as policy ``version``, to every engine that follows the policy;
         returns the seconds it took."""
         t0 = time.perf_counter()
-        state_ref = self.learner.state_dict_ref()
+        state_ref = self.learner.weights_ref(self.dtype)
         targets = list(self.rollout_workers)
         if self.teacher is not None and self.teacher_update != "fixed":
             targets.append(self.teacher)  # an EMA teacher averages the new weights in
@@ -53,7 +57,7 @@ class WeightSync:
     def restore(self, version: int, checkpoint_dir: str | Path) -> None:
         """After the learner loaded a checkpoint: the engines start from its weights, not the base
         model's, and an EMA teacher from its own saved average."""
-        state_ref = self.learner.state_dict_ref()
+        state_ref = self.learner.weights_ref(self.dtype)
         loads = [w.update_weights.remote(state_ref, version) for w in self.rollout_workers]
         if self.teacher is not None and self.teacher_update == "current":
             loads.append(self.teacher.update_weights.remote(state_ref, version))

@@ -40,6 +40,7 @@ from torch import nn
 
 from distil_ray.algorithms.advantages import group_relative_advantages
 from distil_ray.config import COMPUTE_DTYPES, AlgorithmConfig, LearnerConfig
+from distil_ray.engines.base import Weights
 from distil_ray.learner.forward import response_logprobs
 from distil_ray.algorithms.losses import distil_returns
 from distil_ray.learner.packing import Batch, micro_batches, pack, token_budget_micro_batches
@@ -453,6 +454,12 @@ class LearnerWorker:
         if self.rank != 0:
             return None
         return {name: t.detach().to(torch.float32).numpy() for name, t in state.items()}
+
+    def weights(self, dtype: str) -> Weights | None:
+        """The full HF-named weights in ``dtype`` (the engines') on rank 0, None on the others
+        (collective): what a weight sync puts in the object store."""
+        state = self._full_state_dict()
+        return Weights.from_tensors(state, dtype) if self.rank == 0 else None
 
     def _sharded_state(self) -> dict[str, Any]:
         from torch.distributed.checkpoint.state_dict import (

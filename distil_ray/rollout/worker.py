@@ -14,7 +14,7 @@ import numpy as np
 
 from distil_ray.config import RolloutConfig
 from distil_ray.engines import EngineOptions, SamplingConfig, build_engine
-from distil_ray.engines.base import as_tensor, configure_threads, strip_stop_text
+from distil_ray.engines.base import Weights, as_weights, configure_threads, strip_stop_text
 from distil_ray.records import Prompt, Rollout
 
 
@@ -64,12 +64,12 @@ class RolloutWorker:
             yield rollout.prompt_uid, len(rollout.prompt_ids) + len(rollout.response_ids)
             yield rollout
 
-    def update_weights(self, state: dict[str, np.ndarray], version: int) -> float:
+    def update_weights(self, state: Weights | dict[str, np.ndarray], version: int) -> float:
         """Load a full or partial HF-named state dict; returns the seconds spent loading."""
         start = time.perf_counter()
-        # from_numpy shares memory with the (possibly zero-copy, read-only) object-store arrays;
+        # the tensors share memory with the (possibly zero-copy, read-only) object-store arrays;
         # the engine copies into its own parameters, so nothing here writes to them.
-        self.engine.load_weights((name, as_tensor(value)) for name, value in state.items())
+        self.engine.load_weights(as_weights(state).tensors())
         self._version = int(version)
         return time.perf_counter() - start
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from distil_ray.config import TeacherConfig
 from distil_ray.engines import EngineOptions, build_engine
-from distil_ray.engines.base import as_tensor, configure_threads
+from distil_ray.engines.base import Weights, as_weights, configure_threads
 from distil_ray.feedback.templates import TeacherContext, reference_solution_context, reprompt_group
 from distil_ray.records import Graded, Prompt, Scored
 
@@ -145,24 +145,29 @@ class TeacherScorer:
 
     # ----------------------------------------------------------------------------------------
 
-    def update_weights(self, state: dict[str, np.ndarray], version: int) -> float:
+    def update_weights(self, state: Weights | dict[str, np.ndarray], version: int) -> float:
         """Load the policy's new weights (``update="current"``) or move the EMA teacher towards
-        them: θ_T ← (1 − rate)·θ_T + rate·θ (``update="ema"``). A fixed teacher ignores them."""
+        them: θ_T ← (1 − rate)·θ_T + rate·θ (``update="ema"``, the average kept in float32). A
+        fixed teacher ignores them."""
         start = time.perf_counter()
         if self.cfg.update == "fixed":
             return 0.0
+        weights = as_weights(state)
         if self.cfg.update == "ema":
             if self._ema is None:
                 self._ema = _checkpoint_state(self.model_path)
-            for name, value in state.items():
+            names = []
+            for name, tensor in weights.tensors():
+                value = tensor.float().numpy()
+                names.append(name)
                 ema = self._ema.get(name)
                 if ema is None:  # not in the checkpoint files (e.g. a tied head): start from the policy
                     self._ema[name] = np.array(value, dtype=np.float32)
                 else:
                     ema *= 1.0 - self.cfg.ema_rate
-                    ema += self.cfg.ema_rate * np.asarray(value, dtype=np.float32)
-            state = {name: self._ema[name] for name in state}
-        self.engine.load_weights((name, as_tensor(value)) for name, value in state.items())
+                    ema += self.cfg.ema_rate * value
+            weights = Weights("float32", {name: self._ema[name] for name in names})
+        self.engine.load_weights(weights.tensors())
         self._version = int(version)
         return time.perf_counter() - start
 
@@ -178,7 +183,7 @@ class TeacherScorer:
         from safetensors.numpy import load_file
 
         self._ema = {k: v.astype(np.float32) for k, v in load_file(path).items()}
-        self.engine.load_weights((name, as_tensor(value)) for name, value in self._ema.items())
+        self.engine.load_weights(Weights("float32", self._ema).tensors())
         self._version = int(version)
 
     def version(self) -> int:

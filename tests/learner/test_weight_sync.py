@@ -34,7 +34,8 @@ class FakeLearner:
     def __init__(self):
         self.pushed = 0
 
-    def state_dict_ref(self):
+    def weights_ref(self, dtype):
+        assert dtype == "float32"
         self.pushed += 1
         return ray.put({"w": self.pushed})
 
