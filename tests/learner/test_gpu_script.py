@@ -21,6 +21,7 @@ def test_gpu_learner_check_runs_without_ray_or_vllm():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=170)
     assert out.returncode == 0, out.stderr[-2000:]
-    header, values = out.stdout.strip().splitlines()[-2:]
-    assert header.split()[:3] == ["step", "s", "tokens/s"]
-    assert all(v != "nan" for v in values.split()[:3])
+    lines = out.stdout.strip().splitlines()
+    at = next(i for i, line in enumerate(lines) if line.split()[:3] == ["step", "s", "tokens/s"])
+    assert all(v != "nan" for v in lines[at + 1].split()[:3])
+    assert "GiB of bfloat16 weights gathered" in lines[at + 2]
