@@ -359,6 +359,10 @@ class RolloutConfig(SamplingSection):
     stop: List[str] = field(default_factory=list)
     kv_cache_memory_bytes: int = 64 * 2**20
     max_num_seqs: int = 64
+    # vLLM: the longest prompt + response an engine serves (None: the model's own limit), and
+    # whether it runs without CUDA graphs (None: eagerly on the CPU only)
+    max_model_len: Optional[int] = None
+    enforce_eager: Optional[bool] = None
 
     def check_values(self) -> None:
         self.at_least("num_workers", 1)
@@ -368,6 +372,7 @@ class RolloutConfig(SamplingSection):
         self.at_least("max_new_tokens", 1)
         self.positive("kv_cache_memory_bytes")
         self.at_least("max_num_seqs", 1)
+        self.at_least("max_model_len", 2, optional=True)
 
 
 @dataclass
@@ -405,6 +410,10 @@ class TeacherConfig(Section):
     max_context_tokens: Optional[int] = None
     update: str = "current"
     ema_rate: float = 0.05  # with update=ema: θ_T ← (1 − rate)·θ_T + rate·θ after each step
+    # vLLM backend: as rollout.max_model_len / rollout.enforce_eager (None: the model's limit; eager
+    # on the CPU only); the teacher's context + response must fit in max_model_len
+    max_model_len: Optional[int] = None
+    enforce_eager: Optional[bool] = None
     reprompt: RepromptConfig = field(default_factory=RepromptConfig)
 
     def check_values(self) -> None:
@@ -414,6 +423,7 @@ class TeacherConfig(Section):
         self.positive("kv_cache_memory_bytes")
         self.probability("ema_rate")
         self.at_least("max_context_tokens", 2, optional=True)
+        self.at_least("max_model_len", 2, optional=True)
         self.nested("reprompt")
 
 

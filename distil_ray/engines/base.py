@@ -29,6 +29,8 @@ class EngineOptions:
     kv_cache_memory_bytes: int = 64 << 20
     max_num_seqs: int = 64
     max_logprobs: int = 20  # the largest top-k the engine can score (vLLM sizes its buffers by it)
+    max_model_len: int | None = None  # longest prompt + response the engine serves; None: the model's
+    enforce_eager: bool | None = None  # vLLM without CUDA graphs; None: eager on the CPU only
 
 
 @dataclass

@@ -120,9 +120,12 @@ class VLLMEngine:
     def __init__(self, model_path: str, options: EngineOptions | None = None):
         options = options or EngineOptions()
         self.max_logprobs = options.max_logprobs
+        # CUDA graphs (and torch.compile) on a GPU; the CPU build runs eagerly
+        eager = options.enforce_eager if options.enforce_eager is not None else not torch.cuda.is_available()
         self.llm = make_llm(
             model_path, dtype=options.dtype, seed=options.seed, kv_cache_memory_bytes=options.kv_cache_memory_bytes,
             max_num_seqs=options.max_num_seqs, max_logprobs=options.max_logprobs,
+            max_model_len=options.max_model_len, enforce_eager=eager,
         )
         self.vocab_size = self.llm.llm_engine.model_config.get_vocab_size()
 

@@ -29,7 +29,8 @@ class RolloutWorker:
         self.num_threads = configure_threads()
         self.engine_name = cfg.engine
         options = EngineOptions(dtype=dtype, seed=seed, kv_cache_memory_bytes=cfg.kv_cache_memory_bytes,
-                                max_num_seqs=cfg.max_num_seqs)
+                                max_num_seqs=cfg.max_num_seqs, max_model_len=cfg.max_model_len,
+                                enforce_eager=cfg.enforce_eager)
         self.engine = build_engine(cfg.engine, model_path, options)
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
         self._version = 0

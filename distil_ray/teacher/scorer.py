@@ -39,11 +39,14 @@ class TeacherScorer:
         self.num_threads = configure_threads()
         # vLLM sizes its log-prob buffers by max_logprobs; 20 is its own default
         options = EngineOptions(dtype=dtype, seed=seed, kv_cache_memory_bytes=cfg.kv_cache_memory_bytes,
-                                max_logprobs=max(cfg.topk, 20))
+                                max_logprobs=max(cfg.topk, 20), max_model_len=cfg.max_model_len,
+                                enforce_eager=cfg.enforce_eager)
         self.engine = build_engine(cfg.backend, model_path, options)
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
-        max_context_tokens = cfg.max_context_tokens
-        if max_context_tokens is None:
+        limits = [n for n in (cfg.max_context_tokens, cfg.max_model_len) if n is not None]
+        if limits:
+            max_context_tokens = min(limits)
+        else:
             from transformers import AutoConfig
 
             max_context_tokens = getattr(AutoConfig.from_pretrained(model_path, local_files_only=True),
