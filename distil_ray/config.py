@@ -460,6 +460,9 @@ class LearnerConfig(Section):
     # (little padding) and a prompt's group may be split, with its group statistics computed over
     # the whole group first. None: micro_batch_size records of whole groups
     max_tokens_per_micro_batch: Optional[int] = None
+    # run each micro-batch's forward on its real tokens only, the rows concatenated with position ids
+    # restarting per row (transformers' packed-sequence attention): no padded position is computed
+    packed_sequences: bool = False
     logprob_chunk_size: int = 256
     # recompute each decoder layer's activations in the backward instead of keeping them (about a
     # third more compute, a fraction of the memory); None: on for a model given by model.path, off

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from distil_ray.learner.logprobs import gather_logprobs
@@ -38,24 +39,37 @@ def response_logprobs(
     *,
     temperature: float = 1.0,
     chunk_size: int = 256,
+    packed: bool = False,
 ) -> ResponseLogprobs:
     """Log-probs of the response tokens of ``input_ids`` under ``model`` (a HF causal LM).
 
     ``topk_ids`` (``[B, L, K]``, aligned like ``input_ids``) are the teacher's top-k ids for each
     response position; the student's log-probs at those ids come back in ``topk_logprobs``.
+
+    ``packed``: the forward runs on the real tokens only, every row's tokens concatenated into one
+    sequence whose position ids restart at each row, with no attention mask: transformers then
+    attends within each row only (a block-diagonal causal mask; flash-attention's varlen kernel on
+    GPU) and no padded position is computed. The outputs keep the padded layout.
     """
     if response_mask[:, 0].any():
         raise ValueError("a response token at position 0 has no state to predict it from")
     body = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-    hidden = body(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids_from_mask(attention_mask),
-        use_cache=False,
-    ).last_hidden_state
+    positions = position_ids_from_mask(attention_mask)
     rows, cols = response_mask.bool().nonzero(as_tuple=True)
+    if packed:
+        real = attention_mask.bool()
+        hidden_packed = body(input_ids=input_ids[real][None], position_ids=positions[real][None],
+                             attention_mask=None, use_cache=False).last_hidden_state[0]
+        # where each real (row, column) sits in the packed sequence
+        index = torch.full(input_ids.shape, -1, dtype=torch.long, device=input_ids.device)
+        index[real] = torch.arange(int(real.sum()), device=input_ids.device)
+        states = hidden_packed[index[rows, cols - 1]]  # the prompt precedes every response token
+    else:
+        hidden = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                      use_cache=False).last_hidden_state
+        states = hidden[rows, cols - 1]
     gathered = gather_logprobs(
-        hidden[rows, cols - 1],
+        states,
         output_embedding(model),
         input_ids[rows, cols],
         None if topk_ids is None else topk_ids[rows, cols],

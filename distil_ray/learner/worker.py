@@ -233,13 +233,14 @@ class LearnerWorker:
              torch.tensor([advantages.get(id(r), 0.0) for r in mb], dtype=torch.float32, device=self.device))
             for mb in parts
         ]
+        real = [int(b.attention_mask.sum()) for b, _ in batches]
+        # positions the forward computes: every padded one, or (packed) the real tokens only
+        computed = real if self.cfg.packed_sequences else [b.input_ids.numel() for b, _ in batches]
         counts = torch.tensor([sum(b.num_loss_tokens for b, _ in batches),
-                               sum(b.num_loss_sequences for b, _ in batches),
-                               sum(b.input_ids.numel() for b, _ in batches),  # positions computed
-                               sum(int(b.attention_mask.sum()) for b, _ in batches)],  # real tokens
+                               sum(b.num_loss_sequences for b, _ in batches), sum(computed), sum(real)],
                               dtype=torch.float64)
         dist.all_reduce(counts)
-        largest = torch.tensor([max((b.input_ids.numel() for b, _ in batches), default=0)], dtype=torch.long)
+        largest = torch.tensor([max(computed, default=0)], dtype=torch.long)
         dist.all_reduce(largest, op=dist.ReduceOp.MAX)
         max_micro_tokens = int(largest)
         global_tokens, global_seqs = float(counts[0]), float(counts[1])
@@ -356,7 +357,8 @@ class LearnerWorker:
 
     def _returns(self, policy, batch: Batch) -> torch.Tensor:
         out = response_logprobs(policy, batch.input_ids, batch.attention_mask, batch.response_mask, batch.topk_ids,
-                                temperature=self.temperature, chunk_size=self.cfg.logprob_chunk_size)
+                                temperature=self.temperature, chunk_size=self.cfg.logprob_chunk_size,
+                                packed=self.cfg.packed_sequences)
         return distil_returns(out.topk_logprobs, batch.teacher_topk_logprobs, batch.response_mask,
                               gamma=self.loss_kwargs.get("gamma", 1.0),
                               topk_norm=self.loss_kwargs.get("topk_norm", "renorm"))
@@ -365,7 +367,7 @@ class LearnerWorker:
         algo = self.algorithm
         out = response_logprobs(
             policy, batch.input_ids, batch.attention_mask, batch.response_mask, batch.topk_ids,
-            temperature=self.temperature, chunk_size=self.cfg.logprob_chunk_size,
+            temperature=self.temperature, chunk_size=self.cfg.logprob_chunk_size, packed=self.cfg.packed_sequences,
         )
         fn, mask = algo.loss_fn, batch.response_mask
         kwargs = dict(self.loss_kwargs)

@@ -91,3 +91,46 @@ def test_heads_that_are_not_a_plain_matmul_are_refused(model_and_tokenizer):
     for m in (with_bias, capped):
         with pytest.raises(NotImplementedError, match="not hidden @ weight"):
             response_logprobs(m, *make_batch(m.config.vocab_size))
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_packed_forward_equals_one_sequence_at_a_time(model_and_tokenizer, temperature):
+    """Packed (real tokens only, position ids restarting per row, no mask) equals each row run
+    alone, values and parameter gradients, in float64; three rows of different padding."""
+    model, tokenizer = model_and_tokenizer
+    gen = torch.Generator().manual_seed(4)
+    B, L, K = 3, 14, 4
+    input_ids = torch.randint(3, len(tokenizer), (B, L), generator=gen)
+    attention_mask = torch.ones(B, L, dtype=torch.long)
+    attention_mask[1, :5] = 0
+    attention_mask[2, :9] = 0
+    input_ids[attention_mask == 0] = 0
+    response_mask = torch.zeros(B, L, dtype=torch.long)
+    response_mask[0, 7:] = 1
+    response_mask[1, 9:13] = 1
+    response_mask[2, 11:] = 1
+    topk_ids = torch.randint(0, len(tokenizer), (B, L, K), generator=gen)
+    params = [p for p in model.parameters() if p.requires_grad]
+    teacher = torch.log_softmax(torch.randn(B, L, K, generator=gen, dtype=torch.float64), -1)
+
+    def run(packed, rows=slice(None)):
+        out = response_logprobs(model, input_ids[rows], attention_mask[rows], response_mask[rows], topk_ids[rows],
+                                temperature=temperature, chunk_size=5, packed=packed)
+        loss, _ = distil_loss(out.token_logprobs, out.topk_logprobs, teacher[rows], response_mask[rows],
+                              loss_agg="seq-sum", denominator=B)
+        return out, loss
+
+    packed, loss = run(True)
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    alone_loss = 0.0
+    for b in range(B):  # one row at a time: no padding, no other sequence to attend to
+        out, loss_b = run(False, slice(b, b + 1))
+        torch.testing.assert_close(packed.token_logprobs[b:b + 1], out.token_logprobs, rtol=0, atol=1e-10)
+        torch.testing.assert_close(packed.topk_logprobs[b:b + 1], out.topk_logprobs, rtol=0, atol=1e-10)
+        alone_loss = alone_loss + loss_b
+    alone_grads = torch.autograd.grad(alone_loss, params, allow_unused=True)
+    for g, h in zip(grads, alone_grads):
+        if g is None or h is None:
+            assert g is None and h is None
+            continue
+        torch.testing.assert_close(g, h, rtol=0, atol=1e-10)

@@ -52,12 +52,16 @@ CASES = [
     ("grpo", {"clip_ratio_c": 3.0}, {"normalize_std": True}, {}),
     ("grpo", {"clip_ratio_c": 3.0}, {"normalize_std": True}, ONE_SEQUENCE),
     ("sft", {"loss_agg": "seq-mean-token-mean"}, None, {}),
+    # packed forwards (no padded position computed), with and without a budget that splits groups
+    ("distil", {"baseline": "group"}, None, {"packed_sequences": True}),
+    ("distil", {"baseline": "group"}, None, {"packed_sequences": True, "max_tokens_per_micro_batch": 64}),
+    ("grpo", {}, {"normalize_std": True}, {"packed_sequences": True}),
 ]
 
 
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("algorithm,loss_kwargs,advantage_kwargs,learner", CASES,
-                         ids=[c[0] + ("-one-sequence" if c[3] else "") for c in CASES])
+                         ids=[c[0] + "".join(f"-{k}" for k in c[3]) for c in CASES])
 def test_micro_batched_step_equals_one_full_batch_step(setup, algorithm, loss_kwargs, advantage_kwargs, learner):
     path, tok, records = setup
     worker = new_worker(path, algorithm, loss_kwargs, advantage_kwargs, micro_batch_size=2, **learner)
@@ -67,8 +71,10 @@ def test_micro_batched_step_equals_one_full_batch_step(setup, algorithm, loss_kw
     finally:
         worker.close()
     assert metrics["num_micro_batches"] >= 2  # really accumulated
-    if learner:  # one record per micro-batch: every group was split
-        assert metrics["num_micro_batches"] == metrics["num_sequences"] and metrics["learner/padding_fraction"] == 0
+    if learner == ONE_SEQUENCE:  # one record per micro-batch: every group was split
+        assert metrics["num_micro_batches"] == metrics["num_sequences"]
+    if learner:  # one sequence per micro-batch, or packed: no padded position computed
+        assert metrics["learner/padding_fraction"] == 0
     reference, _ = load_tiny(path)
     before = {k: v.clone() for k, v in reference.state_dict().items()}
     ref_loss, ref_norm = reference_step(reference, records, algorithm=algorithm, loss_kwargs=loss_kwargs,
