@@ -461,7 +461,9 @@ class LearnerConfig(Section):
     # the whole group first. None: micro_batch_size records of whole groups
     max_tokens_per_micro_batch: Optional[int] = None
     # run each micro-batch's forward on its real tokens only, the rows concatenated with position ids
-    # restarting per row (transformers' packed-sequence attention): no padded position is computed
+    # restarting per row (transformers' packed-sequence attention): no padded position is computed.
+    # With the default sdpa attention the mask is a dense N×N block-diagonal one: worth it on the
+    # CPU and with few long rows; a flash-attention model makes it varlen
     packed_sequences: bool = False
     logprob_chunk_size: int = 256
     # recompute each decoder layer's activations in the backward instead of keeping them (about a

@@ -240,13 +240,18 @@ class Trainer:
         log.info("%d train prompts, %d validation prompts", len(self.train_prompts), len(self.val_prompts))
 
     def _within_length(self, prompts: list[Prompt], split: str) -> list[Prompt]:
-        limit = self.cfg.task.max_prompt_tokens
-        if limit is None:
+        # the rollout engine must also have room to generate at least one token after the prompt
+        limits = {"task.max_prompt_tokens": self.cfg.task.max_prompt_tokens,
+                  "rollout.max_model_len - 1": None if self.cfg.rollout.max_model_len is None
+                  else self.cfg.rollout.max_model_len - 1}
+        limits = {k: v for k, v in limits.items() if v is not None}
+        if not limits:
             return prompts
+        key, limit = min(limits.items(), key=lambda kv: kv[1])
         kept = [p for p in prompts if len(p.prompt_ids) <= limit]
         if len(kept) < len(prompts):
-            log.warning("%d of %d %s prompts are longer than task.max_prompt_tokens=%d and are left out",
-                        len(prompts) - len(kept), len(prompts), split, limit)
+            log.warning("%d of %d %s prompts are longer than %s=%d and are left out",
+                        len(prompts) - len(kept), len(prompts), split, key, limit)
         self.metrics.log(0, {f"data/{split}_prompts_too_long": float(len(prompts) - len(kept))})
         return kept
 
@@ -340,6 +345,7 @@ class Trainer:
         refs, versions, tokens = ray.get(self.replay.get.remote(self.cfg.trainer.prompts_per_step, self.version))
         if not refs:
             raise RuntimeError("the replay queue served no data: every group was too stale")
+        assert len(refs) == len(tokens), "one ref per group: the producer puts each group under one ref"
         # how many policy versions behind the learner the batch was sampled (0 when on-policy)
         self._last_lag = sum(self.version - v for v in versions) / len(versions)
         return refs, tokens

@@ -48,8 +48,10 @@ def response_logprobs(
 
     ``packed``: the forward runs on the real tokens only, every row's tokens concatenated into one
     sequence whose position ids restart at each row, with no attention mask: transformers then
-    attends within each row only (a block-diagonal causal mask; flash-attention's varlen kernel on
-    GPU) and no padded position is computed. The outputs keep the padded layout.
+    attends within each row only and no padded position is computed. The outputs keep the padded
+    layout. With the model's default ``sdpa`` attention transformers builds a dense block-diagonal
+    mask over the packed sequence (exact, but attention over all N² pairs); a model loaded with
+    ``flash_attention_2`` reads the row boundaries from the position ids instead (varlen kernel).
     """
     if response_mask[:, 0].any():
         raise ValueError("a response token at position 0 has no state to predict it from")

@@ -137,7 +137,9 @@ class LearnerWorker:
         # The leave-one-out baseline compares siblings: without a token budget groups stay whole in
         # one micro-batch; with one they are split and the baseline is computed over the group first.
         self.whole_groups = self.loss_kwargs.get("baseline", "none") == "group"
-        self.splits_groups = self.whole_groups and cfg.max_tokens_per_micro_batch is not None
+        # (ce switches future credit off: its loss never reads the baseline)
+        future_credit = self.loss_kwargs.get("future_credit_coef", 0.0) != 0.0
+        self.splits_groups = self.whole_groups and future_credit and cfg.max_tokens_per_micro_batch is not None
 
         random.seed(seed)
         np.random.seed(seed)
@@ -272,6 +274,8 @@ class LearnerWorker:
 
         loss_total = torch.tensor([loss_sum], dtype=torch.float64)
         dist.all_reduce(loss_total)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the optimizer's kernels are part of the step's time
         slowest = torch.tensor([time.perf_counter() - t0, peak_memory_mb(self.device)], dtype=torch.float64)
         dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
         elapsed = float(slowest[0])

@@ -68,8 +68,8 @@ class RolloutWorker:
     def update_weights(self, state: Weights | dict[str, np.ndarray], version: int) -> float:
         """Load a full or partial HF-named state dict; returns the seconds spent loading."""
         start = time.perf_counter()
-        # the tensors share memory with the (possibly zero-copy, read-only) object-store arrays;
-        # the engine copies into its own parameters, so nothing here writes to them.
+        # read-only (zero-copy) object-store arrays are copied once into tensors, which the engine
+        # then copies into its own parameters
         self.engine.load_weights(as_weights(state).tensors())
         self._version = int(version)
         return time.perf_counter() - start

@@ -43,14 +43,17 @@ class TeacherScorer:
                                 enforce_eager=cfg.enforce_eager)
         self.engine = build_engine(cfg.backend, model_path, options)
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
-        limits = [n for n in (cfg.max_context_tokens, cfg.max_model_len) if n is not None]
-        if limits:
-            max_context_tokens = min(limits)
-        else:
+        # vLLM needs room for the one token a scoring request generates: context + response must
+        # stay below the engine's length limit, not reach it
+        engine_limit = cfg.max_model_len
+        if engine_limit is None:
             from transformers import AutoConfig
 
-            max_context_tokens = getattr(AutoConfig.from_pretrained(model_path, local_files_only=True),
-                                         "max_position_embeddings", None)
+            engine_limit = getattr(AutoConfig.from_pretrained(model_path, local_files_only=True),
+                                   "max_position_embeddings", None)
+        limits = [n for n in (cfg.max_context_tokens, None if engine_limit is None else engine_limit - 1)
+                  if n is not None]
+        max_context_tokens = min(limits) if limits else None
         # teacher context + response longer than this is not scored (no signal, counted as too_long):
         # a long reference solution or trace must not take the run down
         self.max_context_tokens = max_context_tokens
@@ -151,7 +154,9 @@ class TeacherScorer:
     def update_weights(self, state: Weights | dict[str, np.ndarray], version: int) -> float:
         """Load the policy's new weights (``update="current"``) or move the EMA teacher towards
         them: θ_T ← (1 − rate)·θ_T + rate·θ (``update="ema"``, the average kept in float32). A
-        fixed teacher ignores them."""
+        fixed teacher ignores them. With bfloat16 engines the policy arrives rounded to bfloat16, so
+        the average follows the rounded policy: off by at most half a bfloat16 step, which the
+        engine's own bfloat16 weights round away."""
         start = time.perf_counter()
         if self.cfg.update == "fixed":
             return 0.0

@@ -57,3 +57,24 @@ def test_every_collective_of_a_step_is_served_by_the_gpu_group(monkeypatch, algo
     assert {name for name, _ in seen} >= {"all_reduce", "all_gather_object"}  # the step's bookkeeping ran
     served = devices_served(process_group_backend("nccl"))
     assert all(device in served for _, device in seen), seen
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(600)
+def test_a_train_step_under_nccl_on_the_gpu():
+    """The real thing where a GPU is at hand: the worker on NCCL (cpu:gloo,cuda:nccl) in bfloat16
+    with checkpointing and a token budget takes a finite step."""
+    path = tiny_model_dir()
+    model, tok = load_tiny(path)
+    records = make_records(model, tok, n_prompts=2, samples=3, seed=6)
+    cfg = LearnerConfig(world_size=1, num_gpus=1, backend="nccl", dtype="bfloat16", micro_batch_size=2,
+                        activation_checkpointing=True, max_tokens_per_micro_batch=64)
+    worker = LearnerWorker(str(path), cfg, AlgorithmConfig("distil", {"baseline": "group"}),
+                           Rendezvous(0, 1, "127.0.0.1", free_port()))
+    try:
+        assert dist.get_backend() == "cpu:gloo,cuda:nccl"
+        metrics = worker.train_step(records)
+    finally:
+        worker.close()
+    assert torch.isfinite(torch.tensor([metrics["loss"], metrics["grad_norm"]])).all()
+    assert metrics["learner/peak_memory_mb"] > 0

@@ -136,19 +136,27 @@ def test_checkpoint_resume_gives_the_identical_next_step(group, data, tmp_path):
         np.testing.assert_array_equal(v.numpy(), resumed[k], err_msg=k)
 
 
+IDLE_RANK_CASES = [
+    # GRPO, old log-probs from the behaviour policy, std-normalised group advantages
+    (dict(algorithm="grpo", loss_kwargs={"clip_eps_low": 0.2}, advantage_kwargs={"normalize_std": True}), {}, 2),
+    # DistIL's group baseline with a budget of one sequence: the baseline pre-pass and the step,
+    # each with rank 1's idle forwards
+    (dict(algorithm="distil", loss_kwargs={"baseline": "group"}), {"max_tokens_per_micro_batch": 1}, 3),
+]
+
+
 @pytest.mark.timeout(300)
-def test_rank_without_records_joins_with_idle_micro_batches(ray_cluster, data):
-    """One prompt group: rank 1 gets nothing and must still run the collectives of rank 0's two
-    micro-batches (zero-weighted); the step equals the reference (GRPO, old log-probs from the
-    behaviour policy, std-normalised group advantages)."""
+@pytest.mark.parametrize("algo,learner,n_micro", IDLE_RANK_CASES, ids=["grpo", "distil-group-budget"])
+def test_rank_without_records_joins_with_idle_micro_batches(ray_cluster, data, algo, learner, n_micro):
+    """One prompt group: rank 1 gets nothing and must still run the collectives of rank 0's
+    micro-batches (zero-weighted); the step equals the single-process reference."""
     path, tok, records, _ = data
     one_group = [dataclasses.replace(r, reward=float(i == 0)) for i, r in enumerate(records)
                  if r.prompt_uid == records[0].prompt_uid]  # one success: a non-zero advantage
     assert [len(s) for s in split_groups(one_group, 2)] == [3, 0]
-    algo = dict(algorithm="grpo", loss_kwargs={"clip_eps_low": 0.2}, advantage_kwargs={"normalize_std": True})
     # with activation checkpointing: the recompute re-gathers each layer's shards on both ranks
-    g = LearnerGroup(str(path), learner_config(activation_checkpointing=True), algorithm_config(**algo),
-                     name="learner-idle")
+    g = LearnerGroup(str(path), learner_config(activation_checkpointing=True, **learner), algorithm_config(**algo),
+                     name=f"learner-idle-{algo['algorithm']}")
     try:
         metrics = g.train_step(one_group)
         state = ray.get(g.state_dict_ref())
@@ -156,7 +164,7 @@ def test_rank_without_records_joins_with_idle_micro_batches(ray_cluster, data):
         g.shutdown()
     reference, _ = load_tiny(path)
     ref_loss, ref_norm = reference_step(reference, one_group, **algo, pad_id=tok.pad_token_id, **STEP)
-    assert metrics["num_micro_batches"] == 2
+    assert metrics["num_micro_batches"] == n_micro
     assert metrics["loss"] == pytest.approx(ref_loss, rel=1e-5, abs=1e-7)
     assert metrics["grad_norm"] == pytest.approx(ref_norm, rel=1e-5) and ref_norm > 0
     for k, v in reference.state_dict().items():
