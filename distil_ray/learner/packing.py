@@ -120,11 +120,12 @@ def pack(records: Sequence[Scored], *, pad_id: int, topk: int | None, distill_on
         rewards=torch.tensor([float(r.reward) for r in records], dtype=torch.float32),
         group_ids=group_ids,
         policy_versions=torch.tensor([int(r.policy_version) for r in records], dtype=torch.long),
-        credit_baseline=None if credit_baseline is None else _at_response_columns(credit_baseline, records, L),
+        credit_baseline=None if credit_baseline is None else at_response_columns(credit_baseline, records, L),
     )
 
 
-def _at_response_columns(values: Sequence[np.ndarray], records: Sequence[Scored], width: int) -> Tensor:
+def at_response_columns(values: Sequence[np.ndarray], records: Sequence[Scored], width: int) -> Tensor:
+    """One ``[T]`` array per record placed at its response columns of a left-padded ``[B, width]``."""
     out = torch.zeros(len(records), width, dtype=torch.float32)
     for i, (v, r) in enumerate(zip(values, records)):
         T = len(r.response_ids)

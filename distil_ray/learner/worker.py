@@ -43,7 +43,7 @@ from distil_ray.config import COMPUTE_DTYPES, AlgorithmConfig, LearnerConfig
 from distil_ray.engines.base import Weights
 from distil_ray.learner.forward import response_logprobs
 from distil_ray.algorithms.losses import distil_returns
-from distil_ray.learner.packing import Batch, micro_batches, pack, token_budget_micro_batches
+from distil_ray.learner.packing import Batch, at_response_columns, micro_batches, pack, token_budget_micro_batches
 from distil_ray.records import Scored
 from distil_ray.telemetry.reduce import MetricsSum
 
@@ -228,13 +228,16 @@ class LearnerWorker:
         n_micro = int(n_micro_t)
         # A budget may split a prompt's group; the leave-one-out baseline then comes from a pass
         # over every sibling first, so the loss is the whole group's all the same.
-        baselines = self._group_baselines(parts, topk, n_micro) if self.splits_groups else None
         batches = [
-            (pack(mb, pad_id=self.pad_id, topk=topk, distill_only=distill_only,
-                  credit_baseline=None if baselines is None else [baselines[id(r)] for r in mb]).to(self.device),
+            (pack(mb, pad_id=self.pad_id, topk=topk, distill_only=distill_only).to(self.device),
              torch.tensor([advantages.get(id(r), 0.0) for r in mb], dtype=torch.float32, device=self.device))
             for mb in parts
         ]
+        if self.splits_groups:
+            baselines = self._group_baselines(parts, [b for b, _ in batches], n_micro)
+            for mb, (batch, _) in zip(parts, batches):
+                width = batch.input_ids.shape[1]
+                batch.credit_baseline = at_response_columns([baselines[id(r)] for r in mb], mb, width).to(self.device)
         real = [int(b.attention_mask.sum()) for b, _ in batches]
         # positions the forward computes: every padded one, or (packed) the real tokens only
         computed = real if self.cfg.packed_sequences else [b.input_ids.numel() for b, _ in batches]
@@ -330,7 +333,8 @@ class LearnerWorker:
             return token_budget_micro_batches(records, budget, self.cfg.micro_batch_size)
         return micro_batches(records, self.cfg.micro_batch_size, split_large_groups=not self.whole_groups)
 
-    def _group_baselines(self, parts: Sequence[Sequence[Scored]], topk: int, n_micro: int) -> dict[int, np.ndarray]:
+    def _group_baselines(self, parts: Sequence[Sequence[Scored]], batches: Sequence[Batch],
+                         n_micro: int) -> dict[int, np.ndarray]:
         """Each record's leave-one-out future-credit baseline over its whole group (its siblings
         may sit in other micro-batches): a no-grad pass at the current weights gives every
         record's returns, as the loss would compute them (collective: ranks pad to ``n_micro``)."""
@@ -341,8 +345,7 @@ class LearnerWorker:
             if i >= len(parts):
                 self._inference(self._idle_loss)
                 continue
-            batch = pack(parts[i], pad_id=self.pad_id, topk=topk, distill_only=True).to(self.device)
-            G = self._inference(self._returns, batch).double().cpu()
+            G = self._inference(self._returns, batches[i]).double().cpu()
             width = G.shape[1]
             for row, r in enumerate(parts[i]):
                 returns[id(r)] = G[row, width - len(r.response_ids):]
@@ -456,10 +459,8 @@ class LearnerWorker:
 
     def state_dict_numpy(self) -> dict[str, np.ndarray] | None:
         """The full HF-named state dict as float32 numpy on rank 0, None on the others (collective)."""
-        state = self._full_state_dict()
-        if self.rank != 0:
-            return None
-        return {name: t.detach().to(torch.float32).numpy() for name, t in state.items()}
+        weights = self.weights("float32")
+        return None if weights is None else weights.arrays
 
     def weights(self, dtype: str) -> Weights | None:
         """The full HF-named weights in ``dtype`` (the engines') on rank 0, None on the others
