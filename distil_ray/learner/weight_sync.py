@@ -21,6 +21,15 @@ from typing import Sequence
 import ray
 
 TEACHER_EMA = "teacher_ema.safetensors"
+# an engine that takes longer than this to load a version has hung: fail the step instead of the run waiting
+LOAD_TIMEOUT_S = 1800.0
+
+
+def _wait(refs: list, what: str) -> None:
+    try:
+        ray.get(refs, timeout=LOAD_TIMEOUT_S)
+    except ray.exceptions.GetTimeoutError:
+        raise TimeoutError(f"weight sync: {what} did not finish within {LOAD_TIMEOUT_S:.0f} s") from None
 
 
 class WeightSync:
@@ -46,13 +55,13 @@ class WeightSync:
         targets = list(self.rollout_workers)
         if self.teacher is not None and self.teacher_update != "fixed":
             targets.append(self.teacher)  # an EMA teacher averages the new weights in
-        ray.get([t.update_weights.remote(state_ref, version) for t in targets])
+        _wait([t.update_weights.remote(state_ref, version) for t in targets], f"loading policy version {version}")
         return time.perf_counter() - t0
 
     def save(self, checkpoint_dir: str | Path) -> None:
         """What the engines hold that the learner's checkpoint does not: the EMA teacher's average."""
         if self.teacher is not None and self.teacher_update == "ema":
-            ray.get(self.teacher.save_ema.remote(str(Path(checkpoint_dir) / TEACHER_EMA)))
+            _wait([self.teacher.save_ema.remote(str(Path(checkpoint_dir) / TEACHER_EMA))], "saving the EMA teacher")
 
     def restore(self, version: int, checkpoint_dir: str | Path) -> None:
         """After the learner loaded a checkpoint: the engines start from its weights, not the base
@@ -63,7 +72,7 @@ class WeightSync:
             loads.append(self.teacher.update_weights.remote(state_ref, version))
         elif self.teacher is not None and self.teacher_update == "ema":
             loads.append(self.teacher.load_ema.remote(str(Path(checkpoint_dir) / TEACHER_EMA), version))
-        ray.get(loads)
+        _wait(loads, f"restoring version {version} from {checkpoint_dir}")
 
     def close(self) -> None:
         """Release the transport (nothing for the object store)."""
