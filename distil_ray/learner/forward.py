@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from distil_ray.learner.attention import cu_seq_lens
 from distil_ray.learner.logprobs import gather_logprobs
 from distil_ray.models.lm_head import output_embedding
 
@@ -50,8 +51,9 @@ def response_logprobs(
     sequence whose position ids restart at each row, with no attention mask: transformers then
     attends within each row only and no padded position is computed. The outputs keep the padded
     layout. With the model's default ``sdpa`` attention transformers builds a dense block-diagonal
-    mask over the packed sequence (exact, but attention over all N² pairs); a model loaded with
-    ``flash_attention_2`` reads the row boundaries from the position ids instead (varlen kernel).
+    mask over the packed sequence (exact, but attention over all N² pairs); with
+    :data:`~distil_ray.learner.attention.PACKED_ATTENTION` (what the learner sets) or
+    ``flash_attention_2`` attention reads the row boundaries (``cu_seq_lens``) instead.
     """
     if response_mask[:, 0].any():
         raise ValueError("a response token at position 0 has no state to predict it from")
@@ -60,8 +62,11 @@ def response_logprobs(
     rows, cols = response_mask.bool().nonzero(as_tuple=True)
     if packed:
         real = attention_mask.bool()
+        # the rows' boundaries in the pack, for attention that reads them (varlen kernels)
+        cu, longest = cu_seq_lens(real.sum(1))
         hidden_packed = body(input_ids=input_ids[real][None], position_ids=positions[real][None],
-                             attention_mask=None, use_cache=False).last_hidden_state[0]
+                             attention_mask=None, use_cache=False, cu_seq_lens_q=cu, cu_seq_lens_k=cu,
+                             max_length_q=longest, max_length_k=longest).last_hidden_state[0]
         # where each real (row, column) sits in the packed sequence
         index = torch.full(input_ids.shape, -1, dtype=torch.long, device=input_ids.device)
         index[real] = torch.arange(int(real.sum()), device=input_ids.device)

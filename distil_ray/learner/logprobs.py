@@ -60,7 +60,8 @@ def gather_logprobs(
 
     Logits and softmax are computed in float32 (float64 inputs stay float64). For bfloat16 and
     float16 inputs the matmuls run in the input dtype and their results are upcast, as a model's
-    own LM head would produce them; the weight gradient is then accumulated in float32.
+    own LM head would produce them; the weight gradient is then accumulated in float32 (on CUDA with TF32
+    inputs, see :func:`_accumulate_weight_grad`).
     """
     n, v = _check_inputs(hidden, weight, token_ids, topk_ids, temperature, chunk_size,
                          with_student_topk)
@@ -128,6 +129,27 @@ def _logits_into(out: Tensor, hidden_chunk: Tensor, weight: Tensor) -> Tensor:
     if out.dtype == weight.dtype:
         return torch.mm(hidden_chunk, weight.T, out=out)
     return out.copy_(hidden_chunk @ weight.T)
+
+
+def _accumulate_weight_grad(grad_weight: Tensor, grad_z: Tensor, hidden_chunk: Tensor) -> None:
+    """``grad_weight += grad_zᵀ @ hidden_chunk`` in ``grad_weight``'s dtype.
+
+    For 16-bit training on CUDA this is the largest GEMM of the LM head, and in plain float32 (TF32
+    off by default) ~10-15 % of a step. There it runs with TF32 inputs and float32 accumulation in
+    place: ~7x the float32 rate on tensor cores, more precise than bfloat16 inputs, and no
+    ``[V, H]`` temporary. Float32/64 training and the CPU stay exact.
+    """
+    a, b = grad_z.T, hidden_chunk.to(grad_weight.dtype)
+    if grad_weight.is_cuda and hidden_chunk.dtype in (torch.bfloat16, torch.float16):
+        matmul = torch.backends.cuda.matmul
+        previous = matmul.fp32_precision
+        matmul.fp32_precision = "tf32"
+        try:
+            grad_weight.addmm_(a, b)
+        finally:
+            matmul.fp32_precision = previous
+    else:
+        grad_weight.addmm_(a, b)
 
 
 class _ChunkedLogprobs(torch.autograd.Function):
@@ -224,8 +246,7 @@ class _ChunkedLogprobs(torch.autograd.Function):
                 if temperature != 1.0:
                     out.div_(temperature)
             if want_weight:
-                # `scaled` already carries the 1/T.
-                grad_weight.addmm_(grad_z.T, scaled[start:end].to(dtype))
+                _accumulate_weight_grad(grad_weight, grad_z, scaled[start:end])  # `scaled` carries the 1/T
 
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)

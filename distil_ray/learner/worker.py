@@ -41,7 +41,9 @@ from torch import nn
 from distil_ray.algorithms.advantages import group_relative_advantages
 from distil_ray.config import COMPUTE_DTYPES, AlgorithmConfig, LearnerConfig
 from distil_ray.engines.base import Weights
+from distil_ray.learner.attention import register as register_packed_attention
 from distil_ray.learner.forward import response_logprobs
+from distil_ray.learner.loading import empty_causal_lm, materialise_and_load
 from distil_ray.algorithms.losses import distil_returns
 from distil_ray.learner.packing import Batch, at_response_columns, micro_batches, pack, token_budget_micro_batches
 from distil_ray.records import Scored
@@ -159,13 +161,15 @@ class LearnerWorker:
         )
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        from transformers import AutoModelForCausalLM
-
         self.mesh = init_device_mesh(self.device.type, (world_size,))
         # Master weights and optimizer state stay float32; a lower dtype is the compute dtype only.
-        model = AutoModelForCausalLM.from_pretrained(self.model_path, local_files_only=True, dtype=torch.float32)
-        model.to(self.device)
+        # Built without parameters, sharded, then filled shard by shard: see learner/loading.py.
+        model = empty_causal_lm(self.model_path)
         model.train()
+        if cfg.packed_sequences:
+            # attention within each packed row by its boundaries: flash varlen on GPU, exact per-row
+            # SDPA on CPU, never transformers' dense N × N mask over the pack (learner/attention.py)
+            model.set_attn_implementation(register_packed_attention())
         if cfg.activation_checkpointing:
             # Each decoder layer keeps only its input and recomputes the rest in the backward; set
             # before fully_shard, so the recompute re-gathers that layer's shards like its forward.
@@ -184,6 +188,7 @@ class LearnerWorker:
         # A rank whose micro-batch leaves some parameter without a gradient must still take part
         # in that parameter's reduce-scatter, or the ranks' collectives no longer match.
         self.root.set_reduce_scatter_unused_params(True)
+        materialise_and_load(model, self.model_path, self.device)
         self.model = model
         self.pad_id = self._pad_id(model)
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas),

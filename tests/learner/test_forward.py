@@ -1,10 +1,13 @@
 """The learner's policy forward (chunked gathering on a real HF model) equals the naive path:
 full logits → log_softmax → gather, values and parameter gradients, float64, left padding included."""
 
+import copy
+
 import pytest
 import torch
 
 from distil_ray.algorithms.losses import distil_loss
+from distil_ray.learner.attention import PACKED_ATTENTION, register
 from distil_ray.learner.forward import response_logprobs
 from distil_ray.models import TinyModelConfig, build_tiny_model, load_tiny
 
@@ -93,11 +96,16 @@ def test_heads_that_are_not_a_plain_matmul_are_refused(model_and_tokenizer):
             response_logprobs(m, *make_batch(m.config.vocab_size))
 
 
+@pytest.mark.parametrize("attention", ["sdpa", PACKED_ATTENTION])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_packed_forward_equals_one_sequence_at_a_time(model_and_tokenizer, temperature):
+def test_packed_forward_equals_one_sequence_at_a_time(model_and_tokenizer, temperature, attention):
     """Packed (real tokens only, position ids restarting per row, no mask) equals each row run
-    alone, values and parameter gradients, in float64; three rows of different padding."""
-    model, tokenizer = model_and_tokenizer
+    alone, values and parameter gradients, in float64; three rows of different padding. With
+    ``sdpa`` transformers masks the pack densely; the learner's packed attention splits it by the
+    rows' boundaries (the reference rows always run through ``sdpa``)."""
+    reference, tokenizer = model_and_tokenizer
+    model = copy.deepcopy(reference)
+    model.set_attn_implementation(register() if attention == PACKED_ATTENTION else attention)
     gen = torch.Generator().manual_seed(4)
     B, L, K = 3, 14, 4
     input_ids = torch.randint(3, len(tokenizer), (B, L), generator=gen)
@@ -114,7 +122,7 @@ def test_packed_forward_equals_one_sequence_at_a_time(model_and_tokenizer, tempe
     teacher = torch.log_softmax(torch.randn(B, L, K, generator=gen, dtype=torch.float64), -1)
 
     def run(packed, rows=slice(None)):
-        out = response_logprobs(model, input_ids[rows], attention_mask[rows], response_mask[rows], topk_ids[rows],
+        out = response_logprobs(model if packed else reference, input_ids[rows], attention_mask[rows], response_mask[rows], topk_ids[rows],
                                 temperature=temperature, chunk_size=5, packed=packed)
         loss, _ = distil_loss(out.token_logprobs, out.topk_logprobs, teacher[rows], response_mask[rows],
                               loss_agg="seq-sum", denominator=B)
@@ -128,7 +136,8 @@ def test_packed_forward_equals_one_sequence_at_a_time(model_and_tokenizer, tempe
         torch.testing.assert_close(packed.token_logprobs[b:b + 1], out.token_logprobs, rtol=0, atol=1e-10)
         torch.testing.assert_close(packed.topk_logprobs[b:b + 1], out.topk_logprobs, rtol=0, atol=1e-10)
         alone_loss = alone_loss + loss_b
-    alone_grads = torch.autograd.grad(alone_loss, params, allow_unused=True)
+    alone_grads = torch.autograd.grad(alone_loss, [p for p in reference.parameters() if p.requires_grad],
+                                      allow_unused=True)
     for g, h in zip(grads, alone_grads):
         if g is None or h is None:
             assert g is None and h is None

@@ -22,6 +22,12 @@ def test_gpu_learner_check_runs_without_ray_or_vllm():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=170)
     assert out.returncode == 0, out.stderr[-2000:]
     lines = out.stdout.strip().splitlines()
-    at = next(i for i, line in enumerate(lines) if line.split()[:3] == ["step", "s", "tokens/s"])
-    assert all(v != "nan" for v in lines[at + 1].split()[:3])
-    assert "GiB of bfloat16 weights gathered" in lines[at + 2]
+    at = next(i for i, line in enumerate(lines) if line.split()[:3] == ["variant", "load", "s"])
+    rows = {line.rsplit(maxsplit=10)[0]: line.rsplit(maxsplit=10)[1:] for line in lines[at + 1:at + 3]}
+    assert set(rows) == {"one per micro-batch", "packed"}
+    for values in rows.values():
+        assert all(v != "nan" for v in values[:4])  # load s, step s, tokens/s, peak GiB
+    # the packed variant packs several sequences per micro-batch, and takes the same loss
+    assert float(rows["packed"][7]) < float(rows["one per micro-batch"][7])
+    assert "loss difference" in lines[at + 3]
+    assert float(lines[at + 3].split("difference ")[1].split()[0]) < 1e-2
