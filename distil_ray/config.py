@@ -388,10 +388,40 @@ class FeedbackConfig(Section):
 
 
 @dataclass
+class HttpConfig(Section):
+    """``teacher.http``: the black-box expert behind an OpenAI-compatible completions endpoint."""
+
+    KEY: ClassVar[str] = "teacher.http"
+
+    base_url: Optional[str] = None  # e.g. http://10.0.0.5:8000 (with or without /v1)
+    model: Optional[str] = None  # the served model's name; None: the first of /v1/models
+    api_key_env: Optional[str] = None  # the environment variable holding a bearer token, if any
+    timeout_s: float = 600.0  # per request
+    max_retries: int = 5  # on connection errors, timeouts, 429 and 5xx
+    backoff_s: float = 1.0  # the first retry waits this long, each next one twice as long
+    max_concurrency: int = 8  # requests in flight at once
+    startup_timeout_s: float = 60.0  # how long to wait for the server at start-up
+
+    def check_values(self) -> None:
+        if not self.base_url:
+            raise ConfigError(f"{self.key('base_url')}: the expert's URL is required with teacher.backend=http "
+                              "(e.g. teacher.http.base_url=http://127.0.0.1:8000)")
+        if not str(self.base_url).startswith(("http://", "https://")):
+            raise ConfigError(f"{self.key('base_url')}={self.base_url!r}: must start with http:// or https://")
+        for name in ("timeout_s", "backoff_s", "startup_timeout_s"):
+            self.positive(name)
+        self.at_least("max_retries", 0)
+        self.at_least("max_concurrency", 1)
+        if self.api_key_env is not None and not os.environ.get(self.api_key_env):
+            raise ConfigError(f"{self.key('api_key_env')}={self.api_key_env!r}: that environment variable is not set")
+
+
+@dataclass
 class TeacherConfig(Section):
     KEY: ClassVar[str] = "teacher"
     CHOICES: ClassVar[Dict[str, tuple]] = {
-        "backend": ENGINE_BACKENDS,
+        # an in-process engine, or http: a black-box expert behind an OpenAI-compatible server
+        "backend": ENGINE_BACKENDS + ("http",),
         # reprompt (feedback / successful sibling) | reference_solution (OPSD)
         "context": ("reprompt", "reference_solution"),
         # the teacher's weights: current (the policy, synced each step) | ema (a moving average of
@@ -399,7 +429,7 @@ class TeacherConfig(Section):
         "update": ("current", "ema", "fixed"),
     }
 
-    backend: str = "vllm"  # vllm | hf
+    backend: str = "vllm"  # vllm | hf | http
     context: str = "reprompt"
     topk: int = 20
     num_cpus: float = 0.25
@@ -415,8 +445,14 @@ class TeacherConfig(Section):
     max_model_len: Optional[int] = None
     enforce_eager: Optional[bool] = None
     reprompt: RepromptConfig = field(default_factory=RepromptConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
 
     def check_values(self) -> None:
+        if self.backend == "http":
+            if self.update != "fixed":
+                raise ConfigError(f"teacher.update={self.update!r}: an http expert's weights are its own; "
+                                  "teacher.backend=http needs teacher.update=fixed")
+            self.http.check_values()
         self.at_least("topk", 1)
         self.positive("num_cpus")
         self.at_least("num_gpus", 0.0)
@@ -425,6 +461,25 @@ class TeacherConfig(Section):
         self.at_least("max_context_tokens", 2, optional=True)
         self.at_least("max_model_len", 2, optional=True)
         self.nested("reprompt")
+
+
+@dataclass
+class WeightSyncConfig(Section):
+    KEY: ClassVar[str] = "weight_sync"
+    CHOICES: ClassVar[Dict[str, tuple]] = {
+        # object_store: rank 0's full weights put once in the engines' dtype, every engine loads them
+        # (any engine). collective: vLLM's weight-transfer protocol, learner rank 0 broadcasting
+        # bucket by bucket to every vLLM engine (gloo on the CPU, vLLM's NCCL engine on GPUs)
+        "backend": ("object_store", "collective"),
+    }
+
+    backend: str = "object_store"
+    bucket_mb: int = 256  # collective: the most bytes one broadcast carries
+    timeout_s: float = 1800.0  # an engine that takes longer to load a version has hung
+
+    def check_values(self) -> None:
+        self.at_least("bucket_mb", 1)
+        self.positive("timeout_s")
 
 
 @dataclass
@@ -461,9 +516,9 @@ class LearnerConfig(Section):
     # the whole group first. None: micro_batch_size records of whole groups
     max_tokens_per_micro_batch: Optional[int] = None
     # run each micro-batch's forward on its real tokens only, the rows concatenated with position ids
-    # restarting per row (transformers' packed-sequence attention): no padded position is computed.
-    # With the default sdpa attention the mask is a dense N×N block-diagonal one: worth it on the
-    # CPU and with few long rows; a flash-attention model makes it varlen
+    # restarting per row: no padded position is computed. Attention stays within each row by its
+    # boundaries (learner/attention.py): torch's varlen flash kernel on CUDA in bf16, one causal
+    # SDPA per row elsewhere; no N×N mask
     packed_sequences: bool = False
     logprob_chunk_size: int = 256
     # recompute each decoder layer's activations in the backward instead of keeping them (about a
@@ -570,6 +625,7 @@ class RunConfig:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     replay: ReplayConfig = field(default_factory=ReplayConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
+    weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -731,7 +787,7 @@ def validate(cfg) -> RunConfig:
     """
     cfg = to_run_config(cfg)
     sections = [cfg.ray, cfg.model, cfg.task, cfg.algorithm, cfg.rollout, cfg.feedback, cfg.teacher,
-                cfg.replay, cfg.learner, cfg.trainer, cfg.eval, cfg.logging]
+                cfg.replay, cfg.learner, cfg.weight_sync, cfg.trainer, cfg.eval, cfg.logging]
     for section in sections:  # a misspelt choice is the commonest error: it is named first
         section.check_choices()
     cfg.ray.check_values()
@@ -752,9 +808,10 @@ def validate(cfg) -> RunConfig:
             f"rollout.n_samples={cfg.rollout.n_samples}: algorithm {cfg.algorithm.name!r} needs >= 2 "
             "(group-relative advantages of a single rollout are 0)"
         )
-    for section in (cfg.rollout, cfg.feedback, cfg.teacher, cfg.replay, cfg.learner, cfg.trainer, cfg.eval,
-                    cfg.logging):
+    for section in (cfg.rollout, cfg.feedback, cfg.teacher, cfg.replay, cfg.learner, cfg.weight_sync, cfg.trainer,
+                    cfg.eval, cfg.logging):
         section.check_values()
+    _check_weight_sync(cfg)
     per_step = cfg.trainer.prompts_per_step * cfg.rollout.n_samples
     if cfg.replay.capacity < per_step:
         raise ConfigError(
@@ -769,6 +826,18 @@ def validate(cfg) -> RunConfig:
             f"{cfg.trainer.prompts_per_step} (each update needs at least one prompt's group)"
         )
     return cfg
+
+
+def _check_weight_sync(cfg: RunConfig) -> None:
+    if cfg.weight_sync.backend != "collective":
+        return
+    engines = [("rollout.engine", cfg.rollout.engine)]
+    if cfg.algorithm.spec.needs_teacher and cfg.teacher.update == "current":
+        engines.append(("teacher.backend", cfg.teacher.backend))
+    for key, engine in engines:
+        if engine != "vllm":
+            raise ConfigError(f"weight_sync.backend=collective: {key}={engine!r} has no weight-transfer API; "
+                              "use vllm engines or weight_sync.backend=object_store")
 
 
 # --------------------------------------------------------------------------- conversion and composition

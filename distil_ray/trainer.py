@@ -33,6 +33,7 @@ from distil_ray.engines import SamplingConfig
 from distil_ray.evaluation.metrics import aggregate_grades
 from distil_ray.feedback.pool import FeedbackPool
 from distil_ray.learner.group import LearnerGroup
+from distil_ray.learner.transfer import vllm_backend
 from distil_ray.learner.weight_sync import WeightSync
 from distil_ray.records import Graded, Prompt, Scored
 from distil_ray.replay import ReplayQueue
@@ -259,19 +260,22 @@ class Trainer:
         """Every actor takes its own config section (plus the run's dtype and seed)."""
         cfg = self.cfg
         run = {"dtype": cfg.model.dtype, "seed": cfg.seed}
+        # weight_sync.backend=collective: the engines that follow the policy open vLLM's weight transfer
+        transfer = {"weight_transfer": vllm_backend(cfg.learner.backend)} if cfg.weight_sync.backend == "collective" else {}
         rollout_actor = ray.remote(num_cpus=cfg.rollout.num_cpus, num_gpus=cfg.rollout.num_gpus)(RolloutWorker)
-        self.rollout_workers = [rollout_actor.options(name=f"rollout-{i}").remote(model_dir, cfg.rollout, **run)
+        self.rollout_workers = [rollout_actor.options(name=f"rollout-{i}").remote(model_dir, cfg.rollout, **run, **transfer)
                                 for i in range(cfg.rollout.num_workers)]
         self.feedback = FeedbackPool(cfg.task, cfg.feedback)
         self.teacher = None
         if self.algorithm.needs_teacher:
             teacher_actor = ray.remote(num_cpus=cfg.teacher.num_cpus, num_gpus=cfg.teacher.num_gpus)(TeacherScorer)
-            self.teacher = teacher_actor.options(name="teacher").remote(model_dir, cfg.teacher, **run)
+            follows = transfer if cfg.teacher.update == "current" else {}
+            self.teacher = teacher_actor.options(name="teacher").remote(model_dir, cfg.teacher, **run, **follows)
         self.replay = ray.remote(num_cpus=0)(ReplayQueue).options(name="replay").remote(cfg.replay)
         # the learner scores the sampled tokens at the temperature they were sampled at
         self.learner = LearnerGroup(model_dir, cfg.learner, cfg.algorithm, temperature=cfg.rollout.temperature,
                                     seed=cfg.seed)
-        self.weight_sync = WeightSync(self.learner, self.rollout_workers, self.teacher,
+        self.weight_sync = WeightSync(self.learner, self.rollout_workers, self.teacher, cfg.weight_sync,
                                       teacher_update=cfg.teacher.update, dtype=cfg.model.dtype)
         self.weight_sync.connect()
         # each prompt, with its reference data (answer keys, tests), goes into the object store once

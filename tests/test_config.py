@@ -151,7 +151,8 @@ def test_unknown_top_level_and_nested_keys():
     "override, expected",
     [
         ("rollout.engine=vlm", "rollout.engine='vlm': allowed values are 'vllm', 'hf'"),
-        ("teacher.backend=http", "teacher.backend='http': allowed values are 'vllm', 'hf'"),
+        ("teacher.backend=grpc", "teacher.backend='grpc': allowed values are 'vllm', 'hf', 'http'"),
+        ("teacher.backend=http", "teacher.update='ema': an http expert's weights are its own"),
         ("teacher.context=both", "teacher.context='both': allowed values are 'reprompt', 'reference_solution'"),
         ("learner.backend=mpi", "learner.backend='mpi': allowed values are 'gloo', 'nccl'"),
         ("learner.dtype=fp16", "learner.dtype='fp16': allowed values are 'float32', 'bfloat16'"),
@@ -177,6 +178,9 @@ def test_unknown_top_level_and_nested_keys():
         ("task.name=chess", "task.name='chess': allowed values are"),
         ("algorithm.name=ppo", "algorithm.name='ppo': allowed values are 'distil', 'ce', 'sdpo', 'opsd', 'grpo', 'sft'"),
         ("algorithm=ppo", "algorithm=ppo: no such config; allowed values are 'ce', 'distil', 'grpo', 'opsd', 'sdpo', 'sft'"),
+        ("weight_sync.backend=nccl", "weight_sync.backend='nccl': allowed values are 'object_store', 'collective'"),
+        ("weight_sync.bucket_mb=0", "weight_sync.bucket_mb=0: must be >= 1"),
+        ("weight_sync.timeout_s=0", "weight_sync.timeout_s=0.0: must be > 0"),
     ],
 )
 def test_bad_values_name_the_key(override, expected):
@@ -329,3 +333,13 @@ def test_allowed_values_are_named_before_ranges_and_keys_keep_their_order():
 def test_a_task_value_of_the_wrong_type_says_so():
     message = _error(["+experiment=tiny", "+task.kwargs.num_symbols=abc"])
     assert message.startswith("task.kwargs: a value of the wrong type for task 'toy'") and "ToyConfig" in message
+
+
+def test_collective_weight_sync_needs_vllm_engines_that_follow_the_policy():
+    base = ["+experiment=tiny", "weight_sync.backend=collective"]
+    assert _error(base + ["rollout.engine=hf"]).startswith(
+        "weight_sync.backend=collective: rollout.engine='hf' has no weight-transfer API")
+    assert _error(base + ["teacher.backend=hf", "teacher.update=current"]).startswith(
+        "weight_sync.backend=collective: teacher.backend='hf'")
+    # a fixed or EMA teacher takes no part in the broadcast: any engine serves it
+    validate(compose_config(base + ["teacher.backend=hf", "teacher.update=fixed"]))

@@ -35,8 +35,11 @@ def _logprobs_everywhere(trainer, prompt, response):
     }
 
 
-def test_steps_sync_versions_and_accounting(ray_cluster, tmp_path):
-    cfg = compose_config(SMALL + ["trainer.total_steps=3"])
+@pytest.mark.parametrize("sync", ["object_store", "collective"])
+def test_steps_sync_versions_and_accounting(ray_cluster, tmp_path, sync):
+    """``collective``: vLLM's weight-transfer protocol over gloo from learner rank 0 to the rollout
+    and teacher engines (two learner ranks gathering their shards parameter by parameter)."""
+    cfg = compose_config(SMALL + ["trainer.total_steps=3", f"weight_sync.backend={sync}", "weight_sync.bucket_mb=1"])
     trainer = Trainer(cfg, tmp_path)
     trainer.setup()
     try:
@@ -58,6 +61,9 @@ def test_steps_sync_versions_and_accounting(ray_cluster, tmp_path):
             served += metrics["rollout/num_samples"]
             assert metrics["replay/served"] == served == step * 2 * 2
             assert metrics["replay/dropped"] == 0 and metrics["replay/queued"] == 0  # on-policy
+            synced = _logprobs_everywhere(trainer, prompt, response)  # after every sync
+            np.testing.assert_allclose(synced["rollout"], synced["learner"], atol=1e-4)
+            np.testing.assert_allclose(synced["teacher"], synced["learner"], atol=1e-4)
 
         after = _logprobs_everywhere(trainer, prompt, response)
         assert np.abs(after["learner"] - before["learner"]).max() > 1e-3  # the weights moved

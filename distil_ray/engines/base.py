@@ -31,6 +31,9 @@ class EngineOptions:
     max_logprobs: int = 20  # the largest top-k the engine can score (vLLM sizes its buffers by it)
     max_model_len: int | None = None  # longest prompt + response the engine serves; None: the model's
     enforce_eager: bool | None = None  # vLLM without CUDA graphs; None: eager on the CPU only
+    # vLLM's weight-transfer backend the engine opens (weight_sync.backend=collective): "nccl" on
+    # GPUs, distil_ray's "distil_ray_gloo" on the CPU; None: weights come by load_weights only
+    weight_transfer: str | None = None
 
 
 @dataclass

@@ -63,12 +63,24 @@ def make_llm(
     seed: int = 0,
     enforce_eager: bool = True,
     max_logprobs: int = 20,
+    weight_transfer: str | None = None,
     **llm_kwargs,
 ):
-    """A ``vllm.LLM`` configured for in-process use by the rollout and teacher actors."""
+    """A ``vllm.LLM`` configured for in-process use by the rollout and teacher actors.
+    ``weight_transfer``: the weight-transfer backend its workers open (vLLM's ``nccl``, or
+    :data:`~distil_ray.engines.gloo_transfer.BACKEND`), None for none."""
     _prepare_env()
     import torch
     from vllm import LLM
+
+    if weight_transfer is not None:
+        from vllm.config import WeightTransferConfig
+
+        from distil_ray.engines import gloo_transfer
+
+        if weight_transfer == gloo_transfer.BACKEND:
+            gloo_transfer.register()  # in this process: the in-process engine's worker builds it here
+        llm_kwargs["weight_transfer_config"] = WeightTransferConfig(backend=weight_transfer)
 
     if not torch.cuda.is_available():
         # The CPU backend prefills at most a few thousand tokens per engine step and splits longer
@@ -125,7 +137,7 @@ class VLLMEngine:
         self.llm = make_llm(
             model_path, dtype=options.dtype, seed=options.seed, kv_cache_memory_bytes=options.kv_cache_memory_bytes,
             max_num_seqs=options.max_num_seqs, max_logprobs=options.max_logprobs,
-            max_model_len=options.max_model_len, enforce_eager=eager,
+            max_model_len=options.max_model_len, enforce_eager=eager, weight_transfer=options.weight_transfer,
         )
         self.vocab_size = self.llm.llm_engine.model_config.get_vocab_size()
 
@@ -204,6 +216,24 @@ class VLLMEngine:
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         reload_weights(self.llm, named_tensors)
+
+    def weight_transfer(self, phase: str, info: dict | None = None) -> None:
+        """One phase of vLLM's weight-transfer protocol (the engine was built with
+        ``EngineOptions.weight_transfer``): ``init`` (join the trainer's group), ``start``,
+        ``update`` (receive while the trainer sends), ``finish``, ``shutdown``."""
+        if phase == "init":
+            self.llm.init_weight_transfer_engine({"init_info": info})
+        elif phase == "start":
+            self.llm.start_weight_update()
+        elif phase == "update":
+            self.llm.update_weights({"update_info": info})
+        elif phase == "finish":
+            self.llm.finish_weight_update()
+            self.llm.reset_prefix_cache()  # cached KV blocks were computed by the old weights
+        elif phase == "shutdown":
+            self.llm.shutdown_weight_transfer_engine()
+        else:
+            raise ValueError(f"weight transfer phase {phase!r}: one of init, start, update, finish, shutdown")
 
     def sequence_logprobs(self, prompt: list[int], response: list[int]) -> list[float]:
         return prompt_token_logprobs(self.llm, prompt, response)

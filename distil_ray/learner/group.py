@@ -50,6 +50,15 @@ class LearnerActor:
     def sequence_logprobs(self, prompt_ids, response_ids):
         return self.worker.sequence_logprobs(prompt_ids, response_ids)
 
+    def connect_engines(self, actors: list, options: dict) -> None:
+        self.worker.connect_engines(actors, address=ray.util.get_node_ip_address(), **options)
+
+    def send_weights(self, version: int) -> float:
+        return self.worker.send_weights(version)
+
+    def disconnect_engines(self) -> None:
+        self.worker.disconnect_engines()
+
     def save_checkpoint(self, path: str, extra: dict) -> None:
         return self.worker.save_checkpoint(path, extra)
 
@@ -157,6 +166,19 @@ class LearnerGroup:
 
     def save_checkpoint(self, path: str, extra: dict) -> None:
         self._all("save_checkpoint", str(path), extra)
+
+    def connect_engines(self, actors: Sequence, *, dtype: str, bucket_bytes: int, timeout_s: float) -> None:
+        """A weight-transfer group from rank 0 to the engines of ``actors`` (see learner/transfer.py)."""
+        options = {"dtype": dtype, "bucket_bytes": int(bucket_bytes), "timeout_s": float(timeout_s)}
+        # A list argument is not resolved by Ray: the handles reach the ranks as handles.
+        self._all("connect_engines", list(actors), options)
+
+    def send_weights_refs(self, version: int) -> list:
+        """Every rank's part of one broadcast to the connected engines (wait on all of them)."""
+        return [a.send_weights.remote(int(version)) for a in self.actors]
+
+    def disconnect_engines(self) -> None:
+        self._all("disconnect_engines")
 
     def load_checkpoint(self, path: str) -> dict:
         return self._all("load_checkpoint", str(path))[0]

@@ -190,6 +190,7 @@ class LearnerWorker:
         self.root.set_reduce_scatter_unused_params(True)
         materialise_and_load(model, self.model_path, self.device)
         self.model = model
+        self._channel = None  # a weight-transfer group to the engines (connect_engines)
         self.pad_id = self._pad_id(model)
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas),
                                            eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
@@ -473,6 +474,32 @@ class LearnerWorker:
         state = self._full_state_dict()
         return Weights.from_tensors(state, dtype) if self.rank == 0 else None
 
+    def connect_engines(self, actors: Sequence, *, dtype: str, bucket_bytes: int, timeout_s: float,
+                        address: str = "127.0.0.1") -> None:
+        """Open a weight-transfer group with the engines of ``actors`` (``weight_sync.backend=
+        collective``; collective over the learner ranks, rank 0 at ``address``). See
+        learner/transfer.py."""
+        from distil_ray.learner.transfer import Channel
+
+        if self._channel is not None:
+            raise RuntimeError("the learner is already connected to engines; close that channel first")
+        self._channel = Channel(self.model, DTYPES[dtype], rank=self.rank, learner_backend=self.cfg.backend,
+                                actors=actors, bucket_bytes=bucket_bytes, timeout_s=timeout_s, address=address)
+
+    def send_weights(self, version: int) -> float:
+        """The current weights, as policy ``version``, to the connected engines (collective);
+        returns the seconds it took."""
+        if self._channel is None:
+            raise RuntimeError("send_weights before connect_engines")
+        t0 = time.perf_counter()
+        self._channel.send(version)
+        return time.perf_counter() - t0
+
+    def disconnect_engines(self) -> None:
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
+
     def _sharded_state(self) -> dict[str, Any]:
         from torch.distributed.checkpoint.state_dict import (
             get_model_state_dict,
@@ -548,6 +575,7 @@ class LearnerWorker:
         dist.barrier()
 
     def close(self) -> None:
+        self.disconnect_engines()
         if dist.is_initialized():
             dist.destroy_process_group()
 

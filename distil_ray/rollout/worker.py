@@ -19,9 +19,12 @@ from distil_ray.records import Prompt, Rollout
 
 
 class RolloutWorker:
-    def __init__(self, model_path: str, cfg: RolloutConfig, *, dtype: str = "float32", seed: int = 0):
+    def __init__(self, model_path: str, cfg: RolloutConfig, *, dtype: str = "float32", seed: int = 0,
+                 weight_transfer: str | None = None):
         """``cfg``: the ``rollout`` section (engine, KV cache, batch size); ``dtype``/``seed``: the
-        model's compute dtype and the run's seed."""
+        model's compute dtype and the run's seed; ``weight_transfer``: the vLLM weight-transfer
+        backend the engine opens for ``weight_sync.backend=collective`` (None: weights by
+        :meth:`update_weights` only)."""
         cfg.check()  # before any thread or model set-up
         from transformers import AutoTokenizer
 
@@ -30,7 +33,7 @@ class RolloutWorker:
         self.engine_name = cfg.engine
         options = EngineOptions(dtype=dtype, seed=seed, kv_cache_memory_bytes=cfg.kv_cache_memory_bytes,
                                 max_num_seqs=cfg.max_num_seqs, max_model_len=cfg.max_model_len,
-                                enforce_eager=cfg.enforce_eager)
+                                enforce_eager=cfg.enforce_eager, weight_transfer=weight_transfer)
         self.engine = build_engine(cfg.engine, model_path, options)
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
         self._version = 0
@@ -73,6 +76,14 @@ class RolloutWorker:
         self.engine.load_weights(as_weights(state).tensors())
         self._version = int(version)
         return time.perf_counter() - start
+
+    def weight_transfer(self, phase: str, info: dict | None = None, version: int | None = None) -> None:
+        """One phase of vLLM's weight-transfer protocol, driven by learner rank 0
+        (``weight_sync.backend=collective``, learner/transfer.py); ``finish`` makes ``version``
+        this engine's policy version."""
+        self.engine.weight_transfer(phase, info)
+        if phase == "finish" and version is not None:
+            self._version = int(version)
 
     def sequence_logprobs(self, prompt_ids: list[int], response_ids: list[int]) -> list[float]:
         return self.engine.sequence_logprobs([int(t) for t in prompt_ids], [int(t) for t in response_ids])

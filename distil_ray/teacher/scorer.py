@@ -26,9 +26,11 @@ from distil_ray.records import Graded, Prompt, Scored
 
 
 class TeacherScorer:
-    def __init__(self, model_path: str, cfg: TeacherConfig, *, dtype: str = "float32", seed: int = 0):
+    def __init__(self, model_path: str, cfg: TeacherConfig, *, dtype: str = "float32", seed: int = 0,
+                 weight_transfer: str | None = None):
         """``cfg``: the ``teacher`` section (backend, context, top-k, how its weights follow the
-        policy); ``dtype``/``seed``: the model's compute dtype and the run's seed."""
+        policy); ``dtype``/``seed``: the model's compute dtype and the run's seed;
+        ``weight_transfer``: as for the rollout workers (a teacher that follows the policy)."""
         cfg.check()
         self.cfg = cfg
         self.model_path = model_path
@@ -40,8 +42,13 @@ class TeacherScorer:
         # vLLM sizes its log-prob buffers by max_logprobs; 20 is its own default
         options = EngineOptions(dtype=dtype, seed=seed, kv_cache_memory_bytes=cfg.kv_cache_memory_bytes,
                                 max_logprobs=max(cfg.topk, 20), max_model_len=cfg.max_model_len,
-                                enforce_eager=cfg.enforce_eager)
-        self.engine = build_engine(cfg.backend, model_path, options)
+                                enforce_eager=cfg.enforce_eager, weight_transfer=weight_transfer)
+        if cfg.backend == "http":  # the black-box expert (engines/http.py)
+            from distil_ray.engines.http import HTTPEngine
+
+            self.engine = HTTPEngine(model_path, cfg.http)
+        else:
+            self.engine = build_engine(cfg.backend, model_path, options)
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
         # vLLM needs room for the one token a scoring request generates: context + response must
         # stay below the engine's length limit, not reach it
@@ -193,6 +200,14 @@ class TeacherScorer:
         self._ema = {k: v.astype(np.float32) for k, v in load_file(path).items()}
         self.engine.load_weights(Weights("float32", self._ema).tensors())
         self._version = int(version)
+
+    def weight_transfer(self, phase: str, info: dict | None = None, version: int | None = None) -> None:
+        """One phase of vLLM's weight-transfer protocol, driven by learner rank 0
+        (``weight_sync.backend=collective``, learner/transfer.py); ``finish`` makes ``version``
+        this engine's policy version."""
+        self.engine.weight_transfer(phase, info)
+        if phase == "finish" and version is not None:
+            self._version = int(version)
 
     def version(self) -> int:
         return self._version

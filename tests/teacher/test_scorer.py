@@ -120,8 +120,8 @@ def test_update_weights_and_errors(scorer, tok):
         np.testing.assert_allclose(scorer.sequence_logprobs(prompt_ids, response), [-np.log(head.shape[0])] * 3, atol=1e-5)
     finally:
         scorer.update_weights({"lm_head.weight": head.numpy()}, 5)
-    with pytest.raises(ValueError, match=r"teacher\.backend.*'vllm', 'hf'"):
-        TeacherScorer(str(tiny_model_dir()), TeacherConfig(backend="http"))
+    with pytest.raises(ValueError, match=r"teacher\.backend.*'vllm', 'hf', 'http'"):
+        TeacherScorer(str(tiny_model_dir()), TeacherConfig(backend="grpc"))
     with pytest.raises(ValueError, match=r"teacher\.context.*'reprompt', 'reference_solution'"):
         TeacherScorer(str(tiny_model_dir()), TeacherConfig(backend="hf", context="oracle"))
     other = graded(tok, 0, "x", 1.0)

@@ -1,0 +1,128 @@
+"""The learner's side of ``weight_sync.backend=collective``: vLLM's weight-transfer protocol.
+
+Learner rank 0 opens a process group with every engine worker (it is rank 0 of that group, the
+engines follow) and drives the engines through their actors' ``weight_transfer`` method (the
+:class:`EngineActors` client). Each sync, every learner rank walks the parameters in order,
+all-gathering one FSDP2 shard set at a time (a collective among the learner ranks) and casting it
+to the engines' dtype; rank 0 packs and broadcasts them bucket by bucket while the engines receive
+and load. No rank ever builds the full state dict.
+
+The transport is vLLM's ``nccl`` engine where the learner runs NCCL (the GPUs), and
+:mod:`distil_ray.engines.gloo_transfer` (the same protocol over gloo) on the CPU.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+
+
+def _weight_source_base():
+    from vllm.distributed.weight_transfer.base import WeightSource
+
+    return WeightSource
+
+
+def sharded_weights(model: nn.Module, dtype: torch.dtype):
+    """A vLLM ``WeightSource`` over ``model``'s parameters (HF names) in ``dtype``: the metadata
+    from the global shapes (no gather), each iteration all-gathering one parameter at a time."""
+    from vllm.distributed.weight_transfer.base import ParamMeta, materialize_full_tensor
+
+    class ShardedWeights(_weight_source_base()):
+        def metadata(self) -> list:
+            return [ParamMeta(name, dtype, tuple(p.shape)) for name, p in model.named_parameters()]
+
+        def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    yield name, materialize_full_tensor(p.detach()).to(dtype)
+
+    return ShardedWeights()
+
+
+class EngineActors:
+    """vLLM's ``VLLMWeightSyncClient`` over Ray actors that hold engines (rollout workers, the
+    teacher): each call goes to every actor at once and waits, with a deadline. Each engine has one
+    worker, so actor ``i`` is rank ``rank_offset + i`` of the transfer group."""
+
+    def __init__(self, actors: Sequence, timeout_s: float):
+        self.actors = list(actors)
+        self.timeout_s = timeout_s
+        self.version: int | None = None  # what the engines report after the next finish
+
+    def _call(self, phase: str, infos: list | None = None) -> None:
+        import ray
+
+        infos = infos or [None] * len(self.actors)
+        refs = [a.weight_transfer.remote(phase, info, self.version) for a, info in zip(self.actors, infos)]
+        try:
+            ray.get(refs, timeout=self.timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            raise TimeoutError(f"weight transfer: the engines' {phase!r} did not finish within "
+                               f"{self.timeout_s:.0f} s (weight_sync.timeout_s)") from None
+
+    def init_weight_transfer_engine(self, init_info: dict) -> None:
+        offset = int(init_info["rank_offset"])
+        self._call("init", [dict(init_info, rank_offset=offset + i) for i in range(len(self.actors))])
+
+    def start_weight_update(self) -> None:
+        self._call("start")
+
+    def update_weights(self, update_info) -> None:
+        self._call("update", [update_info] * len(self.actors))
+
+    def finish_weight_update(self, weight_version: str | None = None) -> None:
+        self._call("finish")
+
+    def shutdown(self) -> None:
+        self._call("shutdown")
+
+
+def vllm_backend(learner_backend: str) -> str:
+    """The engines' weight-transfer backend for ``learner.backend``."""
+    from distil_ray.engines.gloo_transfer import BACKEND
+
+    return "nccl" if learner_backend == "nccl" else BACKEND
+
+
+class Channel:
+    """One learner rank's end of a transfer group to a set of engine actors."""
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype, *, rank: int, learner_backend: str, actors: Sequence,
+                 bucket_bytes: int, timeout_s: float, address: str):
+        from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
+
+        self.client = EngineActors(actors, timeout_s)
+        world_size = 1 + len(self.client.actors)
+        port = _free_port() if rank == 0 else 0
+        if vllm_backend(learner_backend) == "nccl":
+            from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo
+
+            info = NCCLTrainerInitInfo(address, port, world_size, packed=True,
+                                       packed_buffer_size_bytes=bucket_bytes, rank=rank)
+        else:
+            from distil_ray.engines.gloo_transfer import GlooTrainerInitInfo, register
+
+            register()
+            info = GlooTrainerInitInfo(address, port, world_size, bucket_bytes=bucket_bytes, timeout_s=timeout_s,
+                                       rank=rank)
+        self.engine = WeightTransferTrainerFactory.trainer_init(info, client=self.client,
+                                                                source=sharded_weights(model, dtype))
+
+    def send(self, version: int) -> None:
+        self.client.version = int(version)
+        self.engine.send_weights()
+
+    def close(self) -> None:
+        self.engine.shutdown()
+        if self.engine.is_sender:
+            self.client.shutdown()
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
