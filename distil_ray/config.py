@@ -439,7 +439,8 @@ class TeacherConfig(Section):
     # None: the model's max_position_embeddings
     max_context_tokens: Optional[int] = None
     update: str = "current"
-    ema_rate: float = 0.05  # with update=ema: θ_T ← (1 − rate)·θ_T + rate·θ after each step
+    # with update=ema: θ_T ← (1 − rate)·θ_T + rate·θ at each sync (kept on the learner ranks)
+    ema_rate: float = 0.05
     # vLLM backend: as rollout.max_model_len / rollout.enforce_eager (None: the model's limit; eager
     # on the CPU only); the teacher's context + response must fit in max_model_len
     max_model_len: Optional[int] = None
@@ -458,6 +459,8 @@ class TeacherConfig(Section):
         self.at_least("num_gpus", 0.0)
         self.positive("kv_cache_memory_bytes")
         self.probability("ema_rate")
+        if self.update == "ema":
+            self.positive("ema_rate")  # 0 would be a fixed teacher: say teacher.update=fixed
         self.at_least("max_context_tokens", 2, optional=True)
         self.at_least("max_model_len", 2, optional=True)
         self.nested("reprompt")
@@ -832,7 +835,7 @@ def _check_weight_sync(cfg: RunConfig) -> None:
     if cfg.weight_sync.backend != "collective":
         return
     engines = [("rollout.engine", cfg.rollout.engine)]
-    if cfg.algorithm.spec.needs_teacher and cfg.teacher.update == "current":
+    if cfg.algorithm.spec.needs_teacher and cfg.teacher.update != "fixed":  # it receives the policy or its average
         engines.append(("teacher.backend", cfg.teacher.backend))
     for key, engine in engines:
         if engine != "vllm":

@@ -269,12 +269,14 @@ class Trainer:
         self.teacher = None
         if self.algorithm.needs_teacher:
             teacher_actor = ray.remote(num_cpus=cfg.teacher.num_cpus, num_gpus=cfg.teacher.num_gpus)(TeacherScorer)
-            follows = transfer if cfg.teacher.update == "current" else {}
+            follows = transfer if cfg.teacher.update != "fixed" else {}  # the policy, or its average
             self.teacher = teacher_actor.options(name="teacher").remote(model_dir, cfg.teacher, **run, **follows)
         self.replay = ray.remote(num_cpus=0)(ReplayQueue).options(name="replay").remote(cfg.replay)
         # the learner scores the sampled tokens at the temperature they were sampled at
+        # an EMA teacher's weights are a moving average the learner ranks keep of their own
+        ema_rate = cfg.teacher.ema_rate if self.teacher is not None and cfg.teacher.update == "ema" else None
         self.learner = LearnerGroup(model_dir, cfg.learner, cfg.algorithm, temperature=cfg.rollout.temperature,
-                                    seed=cfg.seed)
+                                    seed=cfg.seed, ema_rate=ema_rate)
         self.weight_sync = WeightSync(self.learner, self.rollout_workers, self.teacher, cfg.weight_sync,
                                       teacher_update=cfg.teacher.update, dtype=cfg.model.dtype)
         self.weight_sync.connect()
@@ -409,8 +411,7 @@ class Trainer:
     def checkpoint(self) -> None:
         path = self.run_dir / CHECKPOINTS / f"step_{self.step:06d}"
         t0 = time.perf_counter()
-        self.learner.save_checkpoint(str(path), self.state_dict())
-        self.weight_sync.save(path)
+        self.learner.save_checkpoint(str(path), self.state_dict())  # with the EMA teacher's average
         (path.parent / "latest").write_text(path.name)
         self.metrics.log(self.step, {"time/checkpoint_s": time.perf_counter() - t0})
 

@@ -85,6 +85,36 @@ def test_steps_sync_versions_and_accounting(ray_cluster, tmp_path, sync):
     assert (tmp_path / "checkpoints" / "latest").read_text() == "step_000003"
 
 
+def test_collective_sync_sends_the_learners_average_to_an_ema_teacher(ray_cluster, tmp_path):
+    """teacher.update=ema: the learner ranks keep the average and broadcast it on a channel of its
+    own; the teacher scores with exactly those weights, which lag the policy's."""
+    import torch
+
+    from distil_ray.engines.hf import forward_logprobs
+    from distil_ray.models import load_tiny
+
+    cfg = compose_config(SMALL + ["trainer.total_steps=2", "weight_sync.backend=collective",
+                                  "teacher.update=ema", "teacher.ema_rate=0.5"])
+    trainer = Trainer(cfg, tmp_path)
+    trainer.setup()
+    try:
+        for _ in range(2):
+            trainer.train_step()
+        prompt = [int(t) for t in trainer.train_prompts[0].prompt_ids]
+        response = prompt[-6:]
+        average, _ = load_tiny(trainer.prepare_model())  # the run's model (cached), its weights replaced below
+        average.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in
+                                 ray.get(trainer.learner.weights_ref("float32", "ema")).arrays.items()}, strict=False)
+        expected = np.array(forward_logprobs(average, prompt, response))
+        teacher = np.array(ray.get(trainer.teacher.sequence_logprobs.remote(prompt, response)))
+        policy = np.array(trainer.learner.sequence_logprobs(prompt, response))
+        np.testing.assert_allclose(teacher, expected, atol=1e-4)
+        assert np.abs(teacher - policy).max() > 1e-3  # the average is not the policy
+        assert ray.get(trainer.teacher.version.remote()) == 2
+    finally:
+        trainer.shutdown()
+
+
 def test_resume_continues_the_same_run(ray_cluster, tmp_path):
     """2 steps, stop, resume to 3 == 3 steps straight: same weights (data order, optimizer state,
     sampling seeds and RNG all come back). HF engines: exact sampling on any machine, faster start."""

@@ -44,8 +44,11 @@ class LearnerActor:
     def state_dict_numpy(self):
         return self.worker.state_dict_numpy()
 
-    def weights(self, dtype: str):
-        return self.worker.weights(dtype)
+    def weights(self, dtype: str, source: str = "policy"):
+        return self.worker.weights(dtype, source)
+
+    def advance_ema(self) -> None:
+        self.worker.advance_ema()
 
     def sequence_logprobs(self, prompt_ids, response_ids):
         return self.worker.sequence_logprobs(prompt_ids, response_ids)
@@ -53,8 +56,8 @@ class LearnerActor:
     def connect_engines(self, actors: list, options: dict) -> None:
         self.worker.connect_engines(actors, address=ray.util.get_node_ip_address(), **options)
 
-    def send_weights(self, version: int) -> float:
-        return self.worker.send_weights(version)
+    def send_weights(self, version: int, source: str = "policy") -> float:
+        return self.worker.send_weights(version, source)
 
     def disconnect_engines(self) -> None:
         self.worker.disconnect_engines()
@@ -97,6 +100,7 @@ class LearnerGroup:
         *,
         temperature: float = 1.0,
         seed: int = 0,
+        ema_rate: float | None = None,
         name: str = "learner",
         setup_timeout_s: float = 600.0,
     ):
@@ -110,7 +114,7 @@ class LearnerGroup:
             actor_cls.options(name=f"{name}-{rank}", num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus).remote()
             for rank in range(cfg.world_size)
         ]
-        options = {"temperature": temperature, "seed": seed}
+        options = {"temperature": temperature, "seed": seed, "ema_rate": ema_rate}
         try:
             addr, port = ray.get(self.actors[0].rendezvous_address.remote(), timeout=setup_timeout_s)
             ray.get([
@@ -151,9 +155,14 @@ class LearnerGroup:
         """An ObjectRef to rank 0's full float32 numpy state dict; the dict stays out of the driver."""
         return self._rank0_ref("state_dict_numpy")
 
-    def weights_ref(self, dtype: str) -> ray.ObjectRef:
-        """An ObjectRef to rank 0's full weights in ``dtype`` (``distil_ray.engines.base.Weights``)."""
-        return self._rank0_ref("weights", dtype)
+    def weights_ref(self, dtype: str, source: str = "policy") -> ray.ObjectRef:
+        """An ObjectRef to rank 0's full weights in ``dtype`` (``distil_ray.engines.base.Weights``):
+        the policy's, or (``source="ema"``) their moving average."""
+        return self._rank0_ref("weights", dtype, source)
+
+    def advance_ema(self) -> None:
+        """Move the moving average towards the current weights (``ema_rate`` set)."""
+        self._all("advance_ema")
 
     def _rank0_ref(self, method: str, *args) -> ray.ObjectRef:
         refs = [getattr(a, method).remote(*args) for a in self.actors]
@@ -167,15 +176,17 @@ class LearnerGroup:
     def save_checkpoint(self, path: str, extra: dict) -> None:
         self._all("save_checkpoint", str(path), extra)
 
-    def connect_engines(self, actors: Sequence, *, dtype: str, bucket_bytes: int, timeout_s: float) -> None:
-        """A weight-transfer group from rank 0 to the engines of ``actors`` (see learner/transfer.py)."""
-        options = {"dtype": dtype, "bucket_bytes": int(bucket_bytes), "timeout_s": float(timeout_s)}
+    def connect_engines(self, actors: Sequence, *, dtype: str, bucket_bytes: int, timeout_s: float,
+                        source: str = "policy") -> None:
+        """A weight-transfer group from rank 0 to the engines of ``actors``, for the ``source``
+        weights (see learner/transfer.py)."""
+        options = {"dtype": dtype, "bucket_bytes": int(bucket_bytes), "timeout_s": float(timeout_s), "source": source}
         # A list argument is not resolved by Ray: the handles reach the ranks as handles.
         self._all("connect_engines", list(actors), options)
 
-    def send_weights_refs(self, version: int) -> list:
-        """Every rank's part of one broadcast to the connected engines (wait on all of them)."""
-        return [a.send_weights.remote(int(version)) for a in self.actors]
+    def send_weights_refs(self, version: int, source: str = "policy") -> list:
+        """Every rank's part of one broadcast of ``source`` to its engines (wait on all of them)."""
+        return [a.send_weights.remote(int(version), source) for a in self.actors]
 
     def disconnect_engines(self) -> None:
         self._all("disconnect_engines")

@@ -14,10 +14,9 @@ The transport is vLLM's ``nccl`` engine where the learner runs NCCL (the GPUs), 
 from __future__ import annotations
 
 import socket
-from typing import Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
-from torch import nn
 
 
 def _weight_source_base():
@@ -26,19 +25,20 @@ def _weight_source_base():
     return WeightSource
 
 
-def sharded_weights(model: nn.Module, dtype: torch.dtype):
-    """A vLLM ``WeightSource`` over ``model``'s parameters (HF names) in ``dtype``: the metadata
-    from the global shapes (no gather), each iteration all-gathering one parameter at a time."""
+def sharded_weights(named: Callable[[], Iterable[tuple[str, torch.Tensor]]], dtype: torch.dtype):
+    """A vLLM ``WeightSource`` over the (HF name, FSDP2-sharded tensor) pairs ``named()`` gives (the
+    policy's parameters, or their moving average) in ``dtype``: the metadata from the global shapes
+    (no gather), each iteration all-gathering one tensor at a time."""
     from vllm.distributed.weight_transfer.base import ParamMeta, materialize_full_tensor
 
     class ShardedWeights(_weight_source_base()):
         def metadata(self) -> list:
-            return [ParamMeta(name, dtype, tuple(p.shape)) for name, p in model.named_parameters()]
+            return [ParamMeta(name, dtype, tuple(t.shape)) for name, t in named()]
 
         def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
             with torch.no_grad():
-                for name, p in model.named_parameters():
-                    yield name, materialize_full_tensor(p.detach()).to(dtype)
+                for name, t in named():
+                    yield name, materialize_full_tensor(t.detach()).to(dtype)
 
     return ShardedWeights()
 
@@ -89,10 +89,11 @@ def vllm_backend(learner_backend: str) -> str:
 
 
 class Channel:
-    """One learner rank's end of a transfer group to a set of engine actors."""
+    """One learner rank's end of a transfer group to a set of engine actors; ``named()`` gives the
+    (name, sharded tensor) pairs it sends."""
 
-    def __init__(self, model: nn.Module, dtype: torch.dtype, *, rank: int, learner_backend: str, actors: Sequence,
-                 bucket_bytes: int, timeout_s: float, address: str):
+    def __init__(self, named: Callable[[], Iterable[tuple[str, torch.Tensor]]], dtype: torch.dtype, *, rank: int,
+                 learner_backend: str, actors: Sequence, bucket_bytes: int, timeout_s: float, address: str):
         from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
 
         self.client = EngineActors(actors, timeout_s)
@@ -110,7 +111,7 @@ class Channel:
             info = GlooTrainerInitInfo(address, port, world_size, bucket_bytes=bucket_bytes, timeout_s=timeout_s,
                                        rank=rank)
         self.engine = WeightTransferTrainerFactory.trainer_init(info, client=self.client,
-                                                                source=sharded_weights(model, dtype))
+                                                                source=sharded_weights(named, dtype))
 
     def send(self, version: int) -> None:
         self.client.version = int(version)

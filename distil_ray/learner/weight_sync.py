@@ -1,21 +1,23 @@
 """WeightSync: which engines get which weights after a step, and how they get them.
 
 The rollout workers always load the policy. The teacher follows ``teacher.update``: the policy
-itself (``current``), a moving average of it that the teacher keeps and advances with every push
-(``ema``), or nothing (``fixed``, the initial policy). The same rule serves the step's sync and a
-resume, so the two can never disagree about who gets what; a resumed EMA teacher loads its saved
-average instead of averaging the policy in once more.
+itself (``current``), a moving average of it (``ema``), or nothing (``fixed``, the initial
+policy). The moving average lives on the learner ranks, next to the float32 master weights they
+average (exact, sharded like them, and saved in the learner's checkpoint); each push first moves
+it a ``teacher.ema_rate`` of the way to the new policy and then sends it to the teacher as a second
+weight source. The same rule serves the step's sync and a resume, so the two can never disagree
+about who gets what; a resume sends the restored average without moving it.
 
 Transports (``weight_sync.backend``):
 
 * ``object_store``: rank 0's full HF-named weights are put once, in the engines' dtype (bfloat16
   halves the bytes of the float32 master weights), and every engine loads them in place. Any
   engine (vLLM or HF).
-* ``collective``: vLLM's weight-transfer protocol. Learner rank 0 and every vLLM engine that
-  follows the policy form one group; each sync the learner ranks gather the FSDP2 shards one
-  parameter at a time and rank 0 broadcasts them, bucket by bucket, while the engines receive and
-  load (learner/transfer.py; gloo on the CPU, vLLM's NCCL engine on GPUs). No full state dict is
-  built anywhere. An EMA teacher keeps its own average and still loads it by the object store.
+* ``collective``: vLLM's weight-transfer protocol. Learner rank 0 and the vLLM engines of one
+  weight source form one group (the policy's followers; an EMA teacher its own); each sync the
+  learner ranks gather the FSDP2 shards one tensor at a time and rank 0 broadcasts them, bucket by
+  bucket, while the engines receive and load (learner/transfer.py; gloo on the CPU, vLLM's NCCL
+  engine on GPUs). No full state dict is built anywhere.
 """
 
 from __future__ import annotations
@@ -27,8 +29,6 @@ from typing import Sequence
 import ray
 
 from distil_ray.config import WeightSyncConfig
-
-TEACHER_EMA = "teacher_ema.safetensors"
 
 
 class WeightSync:
@@ -55,48 +55,45 @@ class WeightSync:
             followers.append(self.teacher)
         return followers
 
+    @property
+    def _ema_teacher(self) -> bool:
+        return self.teacher is not None and self.teacher_update == "ema"
+
     def connect(self) -> None:
-        """Set the transport up: for ``collective``, the transfer group from learner rank 0 to every
-        engine that follows the policy (the object store needs nothing)."""
+        """Set the transport up: for ``collective``, a transfer group from learner rank 0 to the
+        engines that follow the policy, and one to an EMA teacher (the object store needs nothing)."""
         if self.collective and not self.connected:
-            self.learner.connect_engines(self._policy_followers(), dtype=self.dtype,
-                                         bucket_bytes=self.cfg.bucket_mb << 20, timeout_s=self.cfg.timeout_s)
+            options = {"dtype": self.dtype, "bucket_bytes": self.cfg.bucket_mb << 20, "timeout_s": self.cfg.timeout_s}
+            self.learner.connect_engines(self._policy_followers(), **options)
+            if self._ema_teacher:
+                self.learner.connect_engines([self.teacher], source="ema", **options)
             self.connected = True
 
     def push(self, version: int) -> float:
-        """The learners' weights, as policy ``version``, to every engine that follows the policy
-        (and, averaged in, to an EMA teacher); returns the seconds it took."""
+        """The learners' weights, as policy ``version``, to every engine that follows the policy,
+        and the moving average, first moved towards them, to an EMA teacher; returns the seconds
+        it took."""
         t0 = time.perf_counter()
-        if self.collective:
-            self._wait(self.learner.send_weights_refs(version), f"broadcasting policy version {version}")
-            if self.teacher is not None and self.teacher_update == "ema":
-                state_ref = self.learner.weights_ref(self.dtype)
-                self._wait([self.teacher.update_weights.remote(state_ref, version)], "averaging the EMA teacher")
-            return time.perf_counter() - t0
-        state_ref = self.learner.weights_ref(self.dtype)
-        targets = list(self.rollout_workers)
-        if self.teacher is not None and self.teacher_update != "fixed":
-            targets.append(self.teacher)  # an EMA teacher averages the new weights in
-        self._wait([t.update_weights.remote(state_ref, version) for t in targets], f"loading policy version {version}")
+        if self._ema_teacher:
+            self.learner.advance_ema()
+        self._send(version, f"loading policy version {version}")
         return time.perf_counter() - t0
 
-    def save(self, checkpoint_dir: str | Path) -> None:
-        """What the engines hold that the learner's checkpoint does not: the EMA teacher's average."""
-        if self.teacher is not None and self.teacher_update == "ema":
-            self._wait([self.teacher.save_ema.remote(str(Path(checkpoint_dir) / TEACHER_EMA))], "saving the EMA teacher")
-
     def restore(self, version: int, checkpoint_dir: str | Path) -> None:
-        """After the learner loaded a checkpoint: the engines start from its weights, not the base
-        model's, and an EMA teacher from its own saved average."""
-        loads = []
+        """After the learner loaded a checkpoint: the engines start from its weights (and an EMA
+        teacher from its restored average), not the base model's."""
+        self._send(version, f"restoring version {version} from {checkpoint_dir}")
+
+    def _send(self, version: int, what: str) -> None:
+        sources = [("policy", self._policy_followers())] + ([("ema", [self.teacher])] if self._ema_teacher else [])
         if self.collective:
-            self._wait(self.learner.send_weights_refs(version), f"restoring version {version} from {checkpoint_dir}")
+            refs = [ref for source, _ in sources for ref in self.learner.send_weights_refs(version, source)]
         else:
-            state_ref = self.learner.weights_ref(self.dtype)
-            loads = [w.update_weights.remote(state_ref, version) for w in self._policy_followers()]
-        if self.teacher is not None and self.teacher_update == "ema":
-            loads.append(self.teacher.load_ema.remote(str(Path(checkpoint_dir) / TEACHER_EMA), version))
-        self._wait(loads, f"restoring version {version} from {checkpoint_dir}")
+            refs = []
+            for source, targets in sources:
+                state_ref = self.learner.weights_ref(self.dtype, source)
+                refs += [t.update_weights.remote(state_ref, version) for t in targets]
+        self._wait(refs, what)
 
     def close(self) -> None:
         """Release the transport (nothing for the object store)."""

@@ -114,10 +114,12 @@ class LearnerWorker:
         *,
         temperature: float = 1.0,
         seed: int = 0,
+        ema_rate: float | None = None,
     ):
         """``cfg``: the ``learner`` section; ``algorithm``: the ``algorithm`` section (loss and
         advantage settings); ``temperature``: the rollouts' sampling temperature, at which the
-        learner scores the same tokens."""
+        learner scores the same tokens; ``ema_rate``: keep a moving average of the weights at this
+        rate (``teacher.update=ema``: the EMA teacher's weights), None for none."""
         # Validate everything before joining the process group: a bad value must fail fast on
         # every rank instead of leaving the others waiting in init_process_group.
         cfg.check()
@@ -125,6 +127,8 @@ class LearnerWorker:
         rank, world_size = rendezvous.rank, rendezvous.world_size
         if not 0 <= rank < world_size:
             raise ValueError(f"rank={rank} must lie in [0, world_size={world_size})")
+        if ema_rate is not None and not 0.0 < ema_rate <= 1.0:
+            raise ValueError(f"ema_rate={ema_rate!r}: must lie in (0, 1]")
         self.cfg = cfg
         self.algorithm = algorithm.spec
         self.rank, self.world_size = rank, world_size
@@ -190,7 +194,11 @@ class LearnerWorker:
         self.root.set_reduce_scatter_unused_params(True)
         materialise_and_load(model, self.model_path, self.device)
         self.model = model
-        self._channel = None  # a weight-transfer group to the engines (connect_engines)
+        self._channels: dict[str, Any] = {}  # weight-transfer groups to engines, by weight source
+        # The EMA teacher's weights, kept here on each rank's float32 shards (exact, and no rank
+        # ever holds the whole average): θ_T ← θ_T + rate·(θ − θ_T) at every advance_ema.
+        self.ema_rate = ema_rate
+        self.ema = {name: p.detach().clone() for name, p in model.named_parameters()} if ema_rate else None
         self.pad_id = self._pad_id(model)
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas),
                                            eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
@@ -468,37 +476,66 @@ class LearnerWorker:
         weights = self.weights("float32")
         return None if weights is None else weights.arrays
 
-    def weights(self, dtype: str) -> Weights | None:
+    def weights(self, dtype: str, source: str = "policy") -> Weights | None:
         """The full HF-named weights in ``dtype`` (the engines') on rank 0, None on the others
-        (collective): what a weight sync puts in the object store."""
-        state = self._full_state_dict()
+        (collective): what a weight sync puts in the object store. ``source``: ``policy`` or
+        ``ema`` (the moving average, see :meth:`advance_ema`)."""
+        if source == "ema":
+            state = {name: t.full_tensor().cpu() if hasattr(t, "full_tensor") else t.cpu()
+                     for name, t in self._ema_tensors().items()}
+        elif source == "policy":
+            state = self._full_state_dict()
+        else:
+            raise ValueError(f"weight source {source!r}: 'policy' or 'ema'")
         return Weights.from_tensors(state, dtype) if self.rank == 0 else None
 
+    def advance_ema(self) -> None:
+        """Move the moving average a ``ema_rate`` of the way to the current weights (each rank its
+        own shards; no communication)."""
+        ema = self._ema_tensors()
+        local = [t.to_local() if hasattr(t, "to_local") else t for t in ema.values()]
+        current = [p.detach().to_local() if hasattr(p, "to_local") else p.detach()
+                   for _, p in self.model.named_parameters()]
+        with torch.no_grad():
+            torch._foreach_lerp_(local, current, self.ema_rate)
+
+    def _ema_tensors(self) -> dict[str, torch.Tensor]:
+        if self.ema is None:
+            raise RuntimeError("this learner keeps no moving average (ema_rate is None)")
+        return self.ema
+
+    def _named_weights(self, source: str):
+        """What a weight source iterates: (HF name, sharded float32 tensor) pairs."""
+        if source == "ema":
+            return lambda: self._ema_tensors().items()
+        return lambda: ((name, p) for name, p in self.model.named_parameters())
+
     def connect_engines(self, actors: Sequence, *, dtype: str, bucket_bytes: int, timeout_s: float,
-                        address: str = "127.0.0.1") -> None:
-        """Open a weight-transfer group with the engines of ``actors`` (``weight_sync.backend=
-        collective``; collective over the learner ranks, rank 0 at ``address``). See
-        learner/transfer.py."""
+                        source: str = "policy", address: str = "127.0.0.1") -> None:
+        """Open a weight-transfer group to the engines of ``actors`` that will receive ``source``
+        (``policy`` or ``ema``) with ``weight_sync.backend=collective``; collective over the
+        learner ranks, rank 0 at ``address``. See learner/transfer.py."""
         from distil_ray.learner.transfer import Channel
 
-        if self._channel is not None:
-            raise RuntimeError("the learner is already connected to engines; close that channel first")
-        self._channel = Channel(self.model, DTYPES[dtype], rank=self.rank, learner_backend=self.cfg.backend,
-                                actors=actors, bucket_bytes=bucket_bytes, timeout_s=timeout_s, address=address)
+        if source in self._channels:
+            raise RuntimeError(f"the learner already sends {source!r} weights to engines; disconnect first")
+        self._channels[source] = Channel(self._named_weights(source), DTYPES[dtype], rank=self.rank,
+                                         learner_backend=self.cfg.backend, actors=actors,
+                                         bucket_bytes=bucket_bytes, timeout_s=timeout_s, address=address)
 
-    def send_weights(self, version: int) -> float:
-        """The current weights, as policy ``version``, to the connected engines (collective);
+    def send_weights(self, version: int, source: str = "policy") -> float:
+        """The ``source`` weights, as ``version``, to the engines connected for them (collective);
         returns the seconds it took."""
-        if self._channel is None:
-            raise RuntimeError("send_weights before connect_engines")
+        if source not in self._channels:
+            raise RuntimeError(f"send_weights({source!r}) before connect_engines for it")
         t0 = time.perf_counter()
-        self._channel.send(version)
+        self._channels[source].send(version)
         return time.perf_counter() - t0
 
     def disconnect_engines(self) -> None:
-        if self._channel is not None:
-            self._channel.close()
-            self._channel = None
+        for channel in self._channels.values():
+            channel.close()
+        self._channels = {}
 
     def _sharded_state(self) -> dict[str, Any]:
         from torch.distributed.checkpoint.state_dict import (
@@ -506,8 +543,11 @@ class LearnerWorker:
             get_optimizer_state_dict,
         )
 
-        return {"model": get_model_state_dict(self.model),
-                "optimizer": get_optimizer_state_dict(self.model, self.optimizer)}
+        state = {"model": get_model_state_dict(self.model),
+                 "optimizer": get_optimizer_state_dict(self.model, self.optimizer)}
+        if self.ema is not None:
+            state["ema"] = self.ema  # loaded in place like the model's shards
+        return state
 
     def save_checkpoint(self, path: str, extra: dict) -> None:
         """Sharded model + optimizer state (DCP, one file per rank), scheduler, per-rank RNG, and

@@ -34,7 +34,6 @@ class TeacherScorer:
         cfg.check()
         self.cfg = cfg
         self.model_path = model_path
-        self._ema: dict[str, np.ndarray] | None = None
         from transformers import AutoTokenizer
 
         # Threads first: a vLLM CPU backend disables torch.set_num_threads once it is built.
@@ -159,47 +158,15 @@ class TeacherScorer:
     # ----------------------------------------------------------------------------------------
 
     def update_weights(self, state: Weights | dict[str, np.ndarray], version: int) -> float:
-        """Load the policy's new weights (``update="current"``) or move the EMA teacher towards
-        them: θ_T ← (1 − rate)·θ_T + rate·θ (``update="ema"``, the average kept in float32). A
-        fixed teacher ignores them. With bfloat16 engines the policy arrives rounded to bfloat16, so
-        the average follows the rounded policy: off by at most half a bfloat16 step, which the
-        engine's own bfloat16 weights round away."""
-        start = time.perf_counter()
+        """Load the weights a sync sends: the policy (``update="current"``) or the learners' moving
+        average of it (``update="ema"``, learner/weight_sync.py). A fixed teacher ignores them.
+        Returns the seconds spent loading."""
         if self.cfg.update == "fixed":
             return 0.0
-        weights = as_weights(state)
-        if self.cfg.update == "ema":
-            if self._ema is None:
-                self._ema = _checkpoint_state(self.model_path)
-            names = []
-            for name, tensor in weights.tensors():
-                value = tensor.float().numpy()
-                names.append(name)
-                ema = self._ema.get(name)
-                if ema is None:  # not in the checkpoint files (e.g. a tied head): start from the policy
-                    self._ema[name] = np.array(value, dtype=np.float32)
-                else:
-                    ema *= 1.0 - self.cfg.ema_rate
-                    ema += self.cfg.ema_rate * value
-            weights = Weights("float32", {name: self._ema[name] for name in names})
-        self.engine.load_weights(weights.tensors())
+        start = time.perf_counter()
+        self.engine.load_weights(as_weights(state).tensors())
         self._version = int(version)
         return time.perf_counter() - start
-
-    def save_ema(self, path: str) -> None:
-        """Write the EMA teacher's weights (part of a checkpoint: a resumed run continues the average)."""
-        from safetensors.numpy import save_file
-
-        if self._ema is None:  # no sync yet: the average is still the starting weights
-            self._ema = _checkpoint_state(self.model_path)
-        save_file(self._ema, path)
-
-    def load_ema(self, path: str, version: int) -> None:
-        from safetensors.numpy import load_file
-
-        self._ema = {k: v.astype(np.float32) for k, v in load_file(path).items()}
-        self.engine.load_weights(Weights("float32", self._ema).tensors())
-        self._version = int(version)
 
     def weight_transfer(self, phase: str, info: dict | None = None, version: int | None = None) -> None:
         """One phase of vLLM's weight-transfer protocol, driven by learner rank 0
@@ -217,18 +184,3 @@ class TeacherScorer:
 
     def stats(self) -> dict[str, Any]:
         return dict(self._stats)
-
-
-def _checkpoint_state(model_path: str) -> dict[str, np.ndarray]:
-    """The starting weights, HF-named, as writable float32 arrays (the EMA's initial value)."""
-    from pathlib import Path
-
-    from safetensors.numpy import load_file
-
-    files = sorted(Path(model_path).glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"teacher.update='ema' needs the starting weights: no *.safetensors in {model_path}")
-    state: dict[str, np.ndarray] = {}
-    for f in files:
-        state.update({k: v.astype(np.float32) for k, v in load_file(str(f)).items()})
-    return state

@@ -151,3 +151,35 @@ def test_bfloat16_compute_keeps_float32_master_weights(setup):
     d16 = np.concatenate([(s16[k] - initial[k]).ravel() for k in initial])
     assert np.linalg.norm(d32) > 1e-3
     assert np.linalg.norm(d16 - d32) < 0.1 * np.linalg.norm(d32)
+
+
+@pytest.mark.timeout(240)
+def test_the_ema_is_exact_on_the_shards_and_survives_a_checkpoint(setup, tmp_path):
+    """θ_T ← (1 − r)·θ_T + r·θ after each step, from the starting weights, against float64 numpy;
+    a checkpoint brings the average back exactly."""
+    path, tok, records = setup
+    rate = 0.3
+    cfg = LearnerConfig(lr=1e-2, world_size=1, micro_batch_size=4)  # Adam steps of ~lr: the weights move
+    worker = LearnerWorker(str(path), cfg, AlgorithmConfig("ce"), Rendezvous(0, 1, "127.0.0.1", free_port()),
+                           ema_rate=rate)
+    try:
+        expected = {k: v.astype(np.float64) for k, v in worker.state_dict_numpy().items()}
+        for _ in range(3):
+            worker.train_step(records)
+            worker.advance_ema()
+            policy = worker.state_dict_numpy()
+            expected = {k: (1 - rate) * v + rate * policy[k] for k, v in expected.items()}
+        ema = worker.weights("float32", "ema").arrays
+        assert ema.keys() <= expected.keys()
+        assert max(np.abs(ema[k] - policy[k]).max() for k in ema) > 1e-4  # the average lags the policy
+        for k in ema:
+            np.testing.assert_allclose(ema[k], expected[k], rtol=0, atol=1e-6, err_msg=k)
+        worker.save_checkpoint(str(tmp_path / "ckpt"), {})
+        worker.advance_ema()  # moved after the save: the load must undo it
+        worker.load_checkpoint(str(tmp_path / "ckpt"))
+        for k, v in worker.weights("float32", "ema").arrays.items():
+            np.testing.assert_array_equal(v, ema[k])
+    finally:
+        worker.close()
+    with pytest.raises(ValueError, match="ema_rate"):
+        LearnerWorker(str(path), cfg, AlgorithmConfig("ce"), Rendezvous(0, 1, "127.0.0.1", 1), ema_rate=0.0)
