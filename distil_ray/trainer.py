@@ -6,7 +6,7 @@
                  ─► TeacherScorer    each prompt's group, once complete: teacher top-k on the student's tokens
                  ─► ReplayQueue      the group's records by reference, tagged with the policy version
         LearnerGroup.train_step(batch from the queue)      FSDP2 ranks, the algorithm's loss
-        weight sync ─► RolloutWorkers, TeacherScorer       the new policy version, through the object store
+        weight sync ─► RolloutWorkers, TeacherScorer       the new policy version (object store or collective)
         evaluate every `eval_every` steps; checkpoint every `checkpoint_every` steps
 
 Records move between actors as ObjectRefs: the driver routes references and reads only the small
@@ -39,7 +39,7 @@ from distil_ray.records import Graded, Prompt, Scored
 from distil_ray.replay import ReplayQueue
 from distil_ray.rollout.worker import RolloutWorker
 from distil_ray.tasks.prompts import PromptStream, to_prompts
-from distil_ray.teacher.scorer import TeacherScorer
+from distil_ray.teacher.actor import TeacherActor
 from distil_ray.telemetry import MetricsLogger, Progress
 from distil_ray.telemetry.ray_metrics import DashboardMetrics
 from distil_ray.telemetry.reduce import reduce_metrics
@@ -268,7 +268,8 @@ class Trainer:
         self.feedback = FeedbackPool(cfg.task, cfg.feedback)
         self.teacher = None
         if self.algorithm.needs_teacher:
-            teacher_actor = ray.remote(num_cpus=cfg.teacher.num_cpus, num_gpus=cfg.teacher.num_gpus)(TeacherScorer)
+            # groups are scored in batches: whatever is queued when the engine is next free
+            teacher_actor = ray.remote(num_cpus=cfg.teacher.num_cpus, num_gpus=cfg.teacher.num_gpus)(TeacherActor)
             follows = transfer if cfg.teacher.update != "fixed" else {}  # the policy, or its average
             self.teacher = teacher_actor.options(name="teacher").remote(model_dir, cfg.teacher, **run, **follows)
         self.replay = ray.remote(num_cpus=0)(ReplayQueue).options(name="replay").remote(cfg.replay)

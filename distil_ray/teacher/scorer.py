@@ -7,14 +7,15 @@ engine (``distil_ray.engines``) for the top-k log-probs at every response positi
 without any signal keep correctly shaped zero arrays and ``distill_mask=False``; they are not sent
 to the engine.
 
-A plain class; the driver makes it an actor with ``ray.remote(TeacherScorer)``.
+A plain class; the driver runs it in :class:`~distil_ray.teacher.actor.TeacherActor`, which
+batches the groups queued while the engine is busy into one :meth:`TeacherScorer.score_groups` call.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -92,36 +93,51 @@ class TeacherScorer:
         ``score_group(prompt, *group)``: Ray resolves ObjectRefs passed as top-level arguments,
         so a driver holding one ref per rollout passes them that way.
         """
-        graded = list(graded[0]) if len(graded) == 1 and isinstance(graded[0], (list, tuple)) else list(graded)
-        for g in graded:
-            if g.prompt_uid != prompt.uid:
-                raise ValueError(f"rollout of prompt {g.prompt_uid!r} passed in the group of prompt {prompt.uid!r}")
-        contexts = self._contexts(prompt, graded)
-        k = self.cfg.topk
-        teacher_prompts, responses, which = [], [], []
-        self._last_contexts = [None] * len(graded)
-        too_long = set()
-        for i, (g, ctx) in enumerate(zip(graded, contexts)):
-            if ctx.has_signal and len(g.response_ids) > 0:
+        group = list(graded[0]) if len(graded) == 1 and isinstance(graded[0], (list, tuple)) else list(graded)
+        return self.score_groups([(prompt, group)])[0]
+
+    def score_groups(self, groups: Sequence[tuple[Prompt, Sequence[Graded]]]) -> list[list[Scored]]:
+        """Score several prompt groups with one engine call (the engine batches every response of
+        every group); one list of records per group, in input order."""
+        requests: list[tuple[list[int], list[int]]] = []  # (teacher prompt, response) for the engine
+        plans = []  # per group: its records, contexts, which rollouts were sent (index into requests)
+        contexts_seen: list[list[int] | None] = []
+        for prompt, graded in groups:
+            graded = list(graded)
+            for g in graded:
+                if g.prompt_uid != prompt.uid:
+                    raise ValueError(f"rollout of prompt {g.prompt_uid!r} passed in the group of prompt {prompt.uid!r}")
+            contexts = self._contexts(prompt, graded)
+            sent: dict[int, int] = {}
+            too_long = set()
+            for i, (g, ctx) in enumerate(zip(graded, contexts)):
+                if not (ctx.has_signal and len(g.response_ids) > 0):
+                    contexts_seen.append(None)
+                    continue
                 tp = self.teacher_prompt_ids(ctx)
                 response = np.asarray(g.response_ids).astype(np.int64).tolist()  # exact student tokens
                 if self.max_context_tokens is not None and len(tp) + len(response) > self.max_context_tokens:
                     too_long.add(i)
                     self._stats["too_long"] += 1
+                    contexts_seen.append(None)
                     continue
-                teacher_prompts.append(tp)
-                responses.append(response)
-                which.append(i)
-                self._last_contexts[i] = tp + response
+                sent[i] = len(requests)
+                requests.append((tp, response))
+                contexts_seen.append(tp + response)
+            plans.append((graded, contexts, sent, too_long))
+        self._last_contexts = contexts_seen
         start = time.perf_counter()
-        scores = self.engine.score_topk(teacher_prompts, responses, k) if which else []
+        scores = self.engine.score_topk([p for p, _ in requests], [r for _, r in requests], self.cfg.topk) if requests else []
         self._stats["score_seconds"] += time.perf_counter() - start
-        by_index = dict(zip(which, scores))
+        return [self._records(graded, contexts, {i: scores[j] for i, j in sent.items()}, too_long)
+                for graded, contexts, sent, too_long in plans]
 
+    def _records(self, graded, contexts, scores: dict, too_long: set) -> list[Scored]:
+        k = self.cfg.topk
         out = []
         for i, (g, ctx) in enumerate(zip(graded, contexts)):
             T = len(g.response_ids)
-            s = by_index.get(i)
+            s = scores.get(i)
             if s is not None:
                 kk = s.topk_ids.shape[1]
                 top_ids = np.zeros((T, k), np.int32)
