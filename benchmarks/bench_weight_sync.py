@@ -1,5 +1,6 @@
 """Weight sync per step vs model size: the object store in float32 (the old path) and in bfloat16,
-and vLLM's weight-transfer protocol over gloo (``weight_sync.backend=collective``), on the CPU.
+and vLLM's weight-transfer protocol over gloo (``weight_sync.backend=collective``) with 256 MB and
+with 32 MB buckets (the default), on the CPU.
 
     python benchmarks/bench_weight_sync.py [--sizes tiny,100M,500M] [--repeats 3]
 
@@ -88,8 +89,13 @@ def main() -> None:
                 cases = [
                     ("object store, float32", WeightSync(learner, [engine32], dtype="float32"), pids + [pid32]),
                     ("object store, bfloat16", WeightSync(learner, [engine16], dtype="bfloat16"), pids + [pid16]),
-                    ("collective (gloo), bfloat16",
-                     WeightSync(learner, [engine16], None, WeightSyncConfig(backend="collective"), dtype="bfloat16"),
+                    ("collective (gloo), bf16, 256 MB",
+                     WeightSync(learner, [engine16], None, WeightSyncConfig(backend="collective", bucket_mb=256),
+                                dtype="bfloat16"),
+                     pids + [pid16]),
+                    ("  the same, 32 MB buckets",
+                     WeightSync(learner, [engine16], None, WeightSyncConfig(backend="collective", bucket_mb=32),
+                                dtype="bfloat16"),
                      pids + [pid16]),
                 ]
                 for name, sync, case_pids in cases:

@@ -477,7 +477,9 @@ class WeightSyncConfig(Section):
     }
 
     backend: str = "object_store"
-    bucket_mb: int = 256  # collective: the most bytes one broadcast carries
+    # collective: the most bytes one broadcast carries (32 MB: faster than 256 on the CPU and a tenth
+    # of the memory, benchmarks/bench_weight_sync.py)
+    bucket_mb: int = 32
     timeout_s: float = 1800.0  # an engine that takes longer to load a version has hung
 
     def check_values(self) -> None:
@@ -841,6 +843,17 @@ def _check_weight_sync(cfg: RunConfig) -> None:
         if engine != "vllm":
             raise ConfigError(f"weight_sync.backend=collective: {key}={engine!r} has no weight-transfer API; "
                               "use vllm engines or weight_sync.backend=object_store")
+    if cfg.learner.backend == "nccl":  # vLLM's NCCL engine: every receiving engine on a GPU of its own
+        gpus = [("rollout.num_gpus", cfg.rollout.num_gpus)]
+        if len(engines) > 1:
+            gpus.append(("teacher.num_gpus", cfg.teacher.num_gpus))
+        for key, n in gpus:
+            if n < 1:
+                raise ConfigError(f"{key}={n}: weight_sync.backend=collective with learner.backend=nccl sends "
+                                  "over NCCL, so each engine needs a whole GPU (or use weight_sync.backend=object_store)")
+    if cfg.weight_sync.timeout_s > cfg.learner.collective_timeout_s:
+        raise ConfigError(f"weight_sync.timeout_s={cfg.weight_sync.timeout_s}: at most learner.collective_timeout_s="
+                          f"{cfg.learner.collective_timeout_s} (the other learner ranks wait in the gathers meanwhile)")
 
 
 # --------------------------------------------------------------------------- conversion and composition

@@ -436,7 +436,10 @@ class Trainer:
         if self._producer is not None:
             self._producer.shutdown(wait=True)
         self.metrics.close()
-        self.weight_sync.close()
+        try:
+            self.weight_sync.close()
+        except Exception as e:  # noqa: BLE001 - a dead engine must not keep the other actors alive
+            log.warning("closing the weight sync failed (%s); shutting the actors down anyway", e)
         self.learner.shutdown()
         self.feedback.shutdown()
         for actor in self.rollout_workers + ([self.teacher] if self.teacher is not None else []) + [self.replay]:

@@ -341,5 +341,10 @@ def test_collective_weight_sync_needs_vllm_engines_that_follow_the_policy():
         "weight_sync.backend=collective: rollout.engine='hf' has no weight-transfer API")
     assert _error(base + ["teacher.backend=hf", "teacher.update=current"]).startswith(
         "weight_sync.backend=collective: teacher.backend='hf'")
-    # a fixed or EMA teacher takes no part in the broadcast: any engine serves it
+    assert _error(base + ["teacher.backend=hf", "teacher.update=ema"]).startswith(
+        "weight_sync.backend=collective: teacher.backend='hf'")  # it receives the learners' average
+    # a fixed teacher receives nothing: any engine serves it
     validate(compose_config(base + ["teacher.backend=hf", "teacher.update=fixed"]))
+    assert _error(base + ["learner.backend=nccl", "learner.num_gpus=1"]).startswith(
+        "rollout.num_gpus=0.0: weight_sync.backend=collective")
+    assert _error(base + ["weight_sync.timeout_s=4000"]).startswith("weight_sync.timeout_s=4000.0: at most")

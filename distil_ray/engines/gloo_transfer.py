@@ -19,7 +19,7 @@ Registered under :data:`BACKEND` in both of vLLM's factories by :func:`register`
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 from typing import ClassVar
@@ -35,7 +35,7 @@ from vllm.distributed.weight_transfer.base import (
 )
 
 BACKEND = "distil_ray_gloo"
-DEFAULT_BUCKET_BYTES = 256 << 20
+DEFAULT_BUCKET_BYTES = 32 << 20
 
 
 def bucket_plan(sizes: list[int], bucket_bytes: int) -> list[list[int]]:
@@ -192,12 +192,20 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
             return engine
         worker_info = GlooInitInfo(init_info.master_address, init_info.master_port, rank_offset=1,
                                    world_size=init_info.world_size, timeout_s=init_info.timeout_s)
-        # the workers wait in the rendezvous inside init_weight_transfer_engine: meet them there
-        with ThreadPoolExecutor(max_workers=1) as pool:
+        # the workers wait in the rendezvous inside init_weight_transfer_engine: meet them there;
+        # whichever side fails first is reported at once, not after the other's timeout
+        pool = ThreadPoolExecutor(max_workers=2)
+        try:
             joined = pool.submit(client.init_weight_transfer_engine, asdict(worker_info))
-            engine.group = _open_group(init_info.master_address, init_info.master_port, 0,
-                                       init_info.world_size, init_info.timeout_s)
+            opened = pool.submit(_open_group, init_info.master_address, init_info.master_port, 0,
+                                 init_info.world_size, init_info.timeout_s)
+            done, _ = wait([joined, opened], return_when=FIRST_EXCEPTION)
+            for future in done:
+                future.result()
+            engine.group = opened.result()
             joined.result()
+        finally:
+            pool.shutdown(wait=False)
         return engine
 
     def send_weights(self) -> None:
@@ -209,10 +217,15 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
                 pass
             return
         self.client.start_weight_update()
-        with ThreadPoolExecutor(max_workers=1) as pool:
+        pool = ThreadPoolExecutor(max_workers=1)
+        try:
             received = pool.submit(self.client.update_weights, asdict(info))
             self._send(info)
             received.result()  # the workers' errors, if any
+        finally:
+            # never wait for the workers' call here: if sending failed they are still blocked in
+            # the matching broadcast, and joining would turn the error into a hang
+            pool.shutdown(wait=False)
         self.client.finish_weight_update()
 
     def _send(self, info: GlooUpdateInfo) -> None:

@@ -52,11 +52,23 @@ class HTTPEngine:
         self.cfg = cfg
         self.url = cfg.base_url.rstrip("/").removesuffix("/v1")
         self.session = requests.Session()
+        # as many pooled connections as requests in flight (requests keeps 10 by default)
+        adapter = requests.adapters.HTTPAdapter(pool_connections=1, pool_maxsize=cfg.max_concurrency)
+        self.session.mount("http://", adapter)
+        self.session.mount("https://", adapter)
         if cfg.api_key_env:
             self.session.headers["Authorization"] = f"Bearer {os.environ[cfg.api_key_env]}"
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
         self.vocab_size = len(self.tokenizer)
-        self.model = cfg.model or self._first_model()
+        served = self._served_models()
+        self.model = cfg.model or served[0]["id"]
+        card = next((m for m in served if m["id"] == self.model), None)
+        if card is None:
+            raise ExpertError(f"teacher.http.model={self.model!r}: the expert at {self.url} serves "
+                              f"{', '.join(repr(m['id']) for m in served)}")
+        # the longest context + response the server takes (vLLM reports it): the scorer leaves
+        # longer ones unscored instead of the server refusing them
+        self.max_model_len = card.get("max_model_len")
         self._check_tokenizer()
         self.pool = ThreadPoolExecutor(max_workers=cfg.max_concurrency, thread_name_prefix="expert")
 
@@ -87,13 +99,17 @@ class HTTPEngine:
         raise ExpertError(f"the expert at {self.url}{path} did not answer after {retries + 1} attempts "
                           f"({last}); is teacher.http.base_url right and the server up?")
 
-    def _first_model(self) -> str:
+    def _served_models(self) -> list[dict]:
+        """``/v1/models``, waiting up to ``startup_timeout_s`` for a server that is still starting
+        (connection refused, 5xx); a client error (401, 404) fails at once."""
         deadline = time.monotonic() + self.cfg.startup_timeout_s
         while True:
             try:
                 models = self._request("GET", "/v1/models", retries=0, timeout_s=10.0)["data"]
                 break
-            except ExpertError:
+            except ExpertError as e:
+                if "refused the request" in str(e):
+                    raise
                 if time.monotonic() > deadline:
                     raise ExpertError(f"the expert at {self.url} did not answer /v1/models within "
                                       f"{self.cfg.startup_timeout_s:.0f} s (teacher.http.startup_timeout_s); "
@@ -101,7 +117,7 @@ class HTTPEngine:
                 time.sleep(1.0)
         if not models:
             raise ExpertError(f"the expert at {self.url} serves no model")
-        return models[0]["id"]
+        return models
 
     def _check_tokenizer(self) -> None:
         """The server must tokenise like the student: probe texts (and the chat template's special
@@ -149,6 +165,9 @@ class HTTPEngine:
                 raise ExpertError(f"the expert returned {len(top)} of the top-{k} log-probs at a response position")
             ids[t, :len(top)] = [i for _, i, _ in top]
             lps[t, :len(top)] = [lp for _, _, lp in top]
+            if str(y) not in row:
+                raise ExpertError("the expert's prompt_logprobs lack the log-prob of the token actually there "
+                                  "(vLLM's server includes it): not a server this backend can use")
             token[t] = row[str(y)]["logprob"]
         if ids.max(initial=0) >= self.vocab_size:
             raise ExpertError(f"the expert returned token id {int(ids.max())} outside the student's vocabulary "

@@ -218,22 +218,21 @@ class VLLMEngine:
         reload_weights(self.llm, named_tensors)
 
     def weight_transfer(self, phase: str, info: dict | None = None) -> None:
-        """One phase of vLLM's weight-transfer protocol (the engine was built with
-        ``EngineOptions.weight_transfer``): ``init`` (join the trainer's group), ``start``,
-        ``update`` (receive while the trainer sends), ``finish``, ``shutdown``."""
+        """vLLM's weight-transfer protocol (the engine was built with ``EngineOptions.weight_transfer``):
+        ``init`` joins the trainer's group; ``receive`` is one whole update (start, receive while
+        the trainer sends, finish), in one call so that nothing runs on the half-loaded model;
+        ``shutdown`` leaves the group."""
         if phase == "init":
             self.llm.init_weight_transfer_engine({"init_info": info})
-        elif phase == "start":
+        elif phase == "receive":
             self.llm.start_weight_update()
-        elif phase == "update":
             self.llm.update_weights({"update_info": info})
-        elif phase == "finish":
             self.llm.finish_weight_update()
             self.llm.reset_prefix_cache()  # cached KV blocks were computed by the old weights
         elif phase == "shutdown":
             self.llm.shutdown_weight_transfer_engine()
         else:
-            raise ValueError(f"weight transfer phase {phase!r}: one of init, start, update, finish, shutdown")
+            raise ValueError(f"weight transfer phase {phase!r}: one of init, receive, shutdown")
 
     def sequence_logprobs(self, prompt: list[int], response: list[int]) -> list[float]:
         return prompt_token_logprobs(self.llm, prompt, response)

@@ -48,6 +48,12 @@ def packed_attention(module, query: Tensor, key: Tensor, value: Tensor, attentio
                          "(learner.packed_sequences); got a batch or a padding mask")
     if sliding_window is not None or dropout:
         raise ValueError(f"{PACKED_ATTENTION} attention supports full-attention layers without dropout only")
+    # what changes the result and this function does not implement (Gemma's soft-capping, attention
+    # sinks): refuse rather than silently compute plain attention
+    unsupported = [k for k in ("softcap", "s_aux", "sinks") if kwargs.get(k) is not None]
+    if unsupported:
+        raise ValueError(f"{PACKED_ATTENTION} attention does not implement {', '.join(unsupported)}; "
+                         "set learner.packed_sequences=false for this model")
     cu = kwargs.get("cu_seq_lens_q")
     if cu is None:
         cu, longest = _boundaries_from_positions(kwargs["position_ids"])

@@ -188,8 +188,8 @@ class LearnerGroup:
         """Every rank's part of one broadcast of ``source`` to its engines (wait on all of them)."""
         return [a.send_weights.remote(int(version), source) for a in self.actors]
 
-    def disconnect_engines(self) -> None:
-        self._all("disconnect_engines")
+    def disconnect_engines(self, timeout_s: float = 60.0) -> None:
+        ray.get([a.disconnect_engines.remote() for a in self.actors], timeout=timeout_s)
 
     def load_checkpoint(self, path: str) -> dict:
         return self._all("load_checkpoint", str(path))[0]

@@ -50,18 +50,19 @@ def empty_causal_lm(model_path: str) -> nn.Module:
         return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
 
-def materialise_and_load(model: nn.Module, model_path: str, device: torch.device) -> None:
+def materialise_and_load(root: nn.Module, model: nn.Module, model_path: str, device: torch.device) -> None:
     """Allocate this rank's shards on ``device`` and fill them from ``model_path`` (collective).
 
-    ``model`` is the (already sharded) result of :func:`empty_causal_lm`. Rank 0 alone reads the
-    float32 checkpoint, into host memory.
+    ``model`` is the result of :func:`empty_causal_lm`, sharded, and ``root`` the outermost FSDP
+    unit around it (allocated through it, so every unit re-links its shards). Rank 0 alone reads
+    the float32 checkpoint, into host memory.
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from transformers import AutoModelForCausalLM
 
     # ``to_empty`` replaces buffers too: keep their values (non-persistent ones are in no file).
     buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
-    model.to_empty(device=device)
+    root.to_empty(device=device)
     with torch.no_grad():
         for name, b in model.named_buffers():
             b.copy_(buffers[name])

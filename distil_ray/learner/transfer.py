@@ -38,7 +38,8 @@ def sharded_weights(named: Callable[[], Iterable[tuple[str, torch.Tensor]]], dty
         def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
             with torch.no_grad():
                 for name, t in named():
-                    yield name, materialize_full_tensor(t.detach()).to(dtype)
+                    # cast the shard, then gather: half the traffic and memory for bfloat16 engines
+                    yield name, materialize_full_tensor(t.detach().to(dtype))
 
     return ShardedWeights()
 
@@ -68,14 +69,19 @@ class EngineActors:
         offset = int(init_info["rank_offset"])
         self._call("init", [dict(init_info, rank_offset=offset + i) for i in range(len(self.actors))])
 
+    # One sync is one actor call per engine: start, receive and finish run back to back inside it,
+    # so nothing else the actor serves (a rollout stream, a teacher batch) can run while vLLM's
+    # layerwise reload has the layers' weights on the meta device. start and finish are therefore
+    # part of update_weights, which the trainer engine runs while it sends.
+
     def start_weight_update(self) -> None:
-        self._call("start")
+        pass
 
     def update_weights(self, update_info) -> None:
-        self._call("update", [update_info] * len(self.actors))
+        self._call("receive", [update_info] * len(self.actors))
 
     def finish_weight_update(self, weight_version: str | None = None) -> None:
-        self._call("finish")
+        pass
 
     def shutdown(self) -> None:
         self._call("shutdown")

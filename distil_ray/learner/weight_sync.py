@@ -105,7 +105,9 @@ class WeightSync:
         """An engine that takes longer than ``weight_sync.timeout_s`` has hung: fail the step
         instead of the run waiting forever."""
         try:
-            ray.get(refs, timeout=self.cfg.timeout_s)
+            # a margin over the engines' own deadline, so that their error (which names the
+            # phase that hung) arrives first
+            ray.get(refs, timeout=self.cfg.timeout_s + 60.0)
         except ray.exceptions.GetTimeoutError:
-            raise TimeoutError(f"weight sync: {what} did not finish within {self.cfg.timeout_s:.0f} s "
-                               "(weight_sync.timeout_s)") from None
+            raise TimeoutError(f"weight sync: {what} did not finish within {self.cfg.timeout_s + 60:.0f} s "
+                               "(weight_sync.timeout_s + 60)") from None

@@ -192,7 +192,7 @@ class LearnerWorker:
         # A rank whose micro-batch leaves some parameter without a gradient must still take part
         # in that parameter's reduce-scatter, or the ranks' collectives no longer match.
         self.root.set_reduce_scatter_unused_params(True)
-        materialise_and_load(model, self.model_path, self.device)
+        materialise_and_load(self.root, model, self.model_path, self.device)
         self.model = model
         self._channels: dict[str, Any] = {}  # weight-transfer groups to engines, by weight source
         # The EMA teacher's weights, kept here on each rank's float32 shards (exact, and no rank
@@ -481,8 +481,11 @@ class LearnerWorker:
         (collective): what a weight sync puts in the object store. ``source``: ``policy`` or
         ``ema`` (the moving average, see :meth:`advance_ema`)."""
         if source == "ema":
-            state = {name: t.full_tensor().cpu() if hasattr(t, "full_tensor") else t.cpu()
-                     for name, t in self._ema_tensors().items()}
+            state = {}
+            for name, t in self._ema_tensors().items():
+                full = t.full_tensor() if hasattr(t, "full_tensor") else t  # collective: every rank
+                if self.rank == 0:  # only rank 0 keeps a host copy
+                    state[name] = full.cpu()
         elif source == "policy":
             state = self._full_state_dict()
         else:
@@ -533,9 +536,17 @@ class LearnerWorker:
         return time.perf_counter() - t0
 
     def disconnect_engines(self) -> None:
-        for channel in self._channels.values():
-            channel.close()
-        self._channels = {}
+        """Close every weight-transfer channel; one that fails (a dead engine) does not keep the
+        others open."""
+        channels, self._channels = self._channels, {}
+        errors = []
+        for source, channel in channels.items():
+            try:
+                channel.close()
+            except Exception as e:  # noqa: BLE001 - reported below, after the rest are closed
+                errors.append(f"{source}: {e}")
+        if errors:
+            raise RuntimeError("closing weight-transfer channels: " + "; ".join(errors))
 
     def _sharded_state(self) -> dict[str, Any]:
         from torch.distributed.checkpoint.state_dict import (
@@ -615,9 +626,11 @@ class LearnerWorker:
         dist.barrier()
 
     def close(self) -> None:
-        self.disconnect_engines()
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        try:
+            self.disconnect_engines()
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
 
 
 def _rng_state() -> dict:

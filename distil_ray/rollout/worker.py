@@ -78,11 +78,11 @@ class RolloutWorker:
         return time.perf_counter() - start
 
     def weight_transfer(self, phase: str, info: dict | None = None, version: int | None = None) -> None:
-        """One phase of vLLM's weight-transfer protocol, driven by learner rank 0
-        (``weight_sync.backend=collective``, learner/transfer.py); ``finish`` makes ``version``
-        this engine's policy version."""
+        """vLLM's weight-transfer protocol, driven by learner rank 0 (``weight_sync.backend=
+        collective``, learner/transfer.py); a completed ``receive`` makes ``version`` this
+        engine's policy version."""
         self.engine.weight_transfer(phase, info)
-        if phase == "finish" and version is not None:
+        if phase == "receive" and version is not None:
             self._version = int(version)
 
     def sequence_logprobs(self, prompt_ids: list[int], response_ids: list[int]) -> list[float]:

@@ -24,7 +24,7 @@ class TeacherActor:
         self._engine_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="teacher-engine")
         self._queued: list[tuple[Any, list, asyncio.Future]] = []
         self._draining = False
-        self.batches: list[int] = []  # groups per engine call, for stats
+        self._calls = self._groups = 0  # engine calls and the groups they scored, for stats
 
     async def _on_engine(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._engine_thread, fn, *args)
@@ -32,8 +32,11 @@ class TeacherActor:
     async def score_group(self, prompt, *graded) -> list:
         """Score one prompt's group (as ``TeacherScorer.score_group``), batched with whatever else
         is queued when the engine is next free."""
-        future = asyncio.get_running_loop().create_future()
         group = list(graded[0]) if len(graded) == 1 and isinstance(graded[0], (list, tuple)) else list(graded)
+        for g in group:  # a malformed group fails its own caller here, never a whole batch
+            if g.prompt_uid != prompt.uid:
+                raise ValueError(f"rollout of prompt {g.prompt_uid!r} passed in the group of prompt {prompt.uid!r}")
+        future = asyncio.get_running_loop().create_future()
         self._queued.append((prompt, group, future))
         if not self._draining:
             self._draining = True
@@ -44,17 +47,25 @@ class TeacherActor:
         try:
             while self._queued:
                 batch, self._queued = self._queued, []
-                self.batches.append(len(batch))
                 try:
-                    results = await self._on_engine(self.scorer.score_groups, [(p, g) for p, g, _ in batch])
-                except Exception as e:  # every caller of the batch hears of it
-                    for _, _, future in batch:
-                        future.set_exception(e)
+                    results = await self._score(batch)
+                except Exception:  # noqa: BLE001 - one bad group: score the groups one by one
+                    for item in batch:
+                        try:
+                            (scored,) = await self._score([item])
+                            _resolve(item[2], result=scored)
+                        except Exception as e:  # noqa: BLE001 - that caller hears of it
+                            _resolve(item[2], error=e)
                     continue
                 for (_, _, future), scored in zip(batch, results):
-                    future.set_result(scored)
+                    _resolve(future, result=scored)
         finally:
             self._draining = False
+
+    async def _score(self, batch) -> list:
+        self._calls += 1
+        self._groups += len(batch)
+        return await self._on_engine(self.scorer.score_groups, [(p, g) for p, g, _ in batch])
 
     # everything else runs on the engine thread too, in arrival order
 
@@ -68,6 +79,7 @@ class TeacherActor:
         return await self._on_engine(self.scorer.sequence_logprobs, prompt_ids, response_ids)
 
     async def last_teacher_contexts(self):
+        """The teacher sequences of the last engine call: every group of its batch, in order."""
         return await self._on_engine(self.scorer.last_teacher_contexts)
 
     async def version(self) -> int:
@@ -75,6 +87,15 @@ class TeacherActor:
 
     async def stats(self) -> dict[str, Any]:
         stats = self.scorer.stats()
-        stats["engine_calls"] = len(self.batches)
-        stats["groups_per_call"] = sum(self.batches) / len(self.batches) if self.batches else 0.0
+        stats["engine_calls"] = self._calls
+        stats["groups_per_call"] = self._groups / self._calls if self._calls else 0.0
         return stats
+
+
+def _resolve(future: asyncio.Future, *, result=None, error: BaseException | None = None) -> None:
+    if future.done():  # its caller went away (cancelled): nothing to tell
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)

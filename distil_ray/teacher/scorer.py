@@ -53,6 +53,8 @@ class TeacherScorer:
         # vLLM needs room for the one token a scoring request generates: context + response must
         # stay below the engine's length limit, not reach it
         engine_limit = cfg.max_model_len
+        if engine_limit is None and cfg.backend == "http":
+            engine_limit = self.engine.max_model_len  # what the expert's server reports, if it does
         if engine_limit is None:
             from transformers import AutoConfig
 
@@ -185,11 +187,11 @@ class TeacherScorer:
         return time.perf_counter() - start
 
     def weight_transfer(self, phase: str, info: dict | None = None, version: int | None = None) -> None:
-        """One phase of vLLM's weight-transfer protocol, driven by learner rank 0
-        (``weight_sync.backend=collective``, learner/transfer.py); ``finish`` makes ``version``
-        this engine's policy version."""
+        """vLLM's weight-transfer protocol, driven by learner rank 0 (``weight_sync.backend=
+        collective``, learner/transfer.py); a completed ``receive`` makes ``version`` this
+        engine's policy version."""
         self.engine.weight_transfer(phase, info)
-        if phase == "finish" and version is not None:
+        if phase == "receive" and version is not None:
             self._version = int(version)
 
     def version(self) -> int:

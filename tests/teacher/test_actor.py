@@ -45,14 +45,22 @@ def test_queued_groups_are_scored_together_and_each_caller_gets_its_own(ray_clus
     assert stats["engine_calls"] < 12 and stats["groups_per_call"] > 1  # batched, not one call per group
 
 
-def test_an_engine_error_reaches_every_caller_of_the_batch(ray_cluster):
+def test_one_bad_group_fails_alone(ray_cluster):
+    """A group the engine cannot score (a token id outside the vocabulary) fails its own caller;
+    the groups batched with it are scored all the same, and a mislabelled group is refused at once."""
     path = str(tiny_model_dir())
     actor = ray.remote(num_cpus=0.5)(TeacherActor).remote(path, TeacherConfig(backend="hf", topk=4, update="fixed"))
     tok = ray.get(actor.__ray_call__.remote(lambda self: self.scorer.tokenizer))
-    (prompt, group), = _groups(tok, 1)
+    groups = _groups(tok, 3)
+    bad_prompt, bad_group = groups[1]
+    bad_group[0].response_ids = bad_group[0].response_ids.copy()
+    bad_group[0].response_ids[0] = 10**6
+    refs = [actor.score_group.remote(prompt, *group) for prompt, group in groups]
+    assert len(ray.get(refs[0])) == 3 and len(ray.get(refs[2])) == 3
+    with pytest.raises(ray.exceptions.RayTaskError):
+        ray.get(refs[1])
     other = graded(tok, 0, "x", 0.0, feedback="f")
     other.prompt_uid = "elsewhere"
-    bad = actor.score_group.remote(prompt, other)
     with pytest.raises(ray.exceptions.RayTaskError, match="elsewhere"):
-        ray.get(bad)
-    assert len(ray.get(actor.score_group.remote(prompt, *group))) == 3  # the actor carries on
+        ray.get(actor.score_group.remote(groups[0][0], other))
+    assert len(ray.get(actor.score_group.remote(*groups[0]))) == 3  # the actor carries on
