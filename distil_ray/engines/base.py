@@ -217,3 +217,23 @@ def as_tensor(value) -> torch.Tensor:
     if not array.flags.writeable:
         array = array.copy()
     return torch.from_numpy(array)
+
+
+class EngineHolder:
+    """What a weight sync asks of an actor that holds an engine (the rollout workers, the
+    teacher): the policy version it holds, and vLLM's weight-transfer protocol driven by learner
+    rank 0 (``weight_sync.backend=collective``, learner/transfer.py). Expects ``self.engine`` and
+    ``self._version``."""
+
+    engine: Engine
+    _version: int
+
+    def version(self) -> int:
+        return self._version
+
+    def weight_transfer(self, phase: str, info: dict | None = None, version: int | None = None) -> None:
+        """One phase of the protocol (see ``VLLMEngine.weight_transfer``); a completed ``receive``
+        makes ``version`` this engine's policy version."""
+        self.engine.weight_transfer(phase, info)
+        if phase == "receive" and version is not None:
+            self._version = int(version)

@@ -14,11 +14,11 @@ import numpy as np
 
 from distil_ray.config import RolloutConfig
 from distil_ray.engines import EngineOptions, SamplingConfig, build_engine
-from distil_ray.engines.base import Weights, as_weights, configure_threads, strip_stop_text
+from distil_ray.engines.base import EngineHolder, Weights, as_weights, configure_threads, strip_stop_text
 from distil_ray.records import Prompt, Rollout
 
 
-class RolloutWorker:
+class RolloutWorker(EngineHolder):
     def __init__(self, model_path: str, cfg: RolloutConfig, *, dtype: str = "float32", seed: int = 0,
                  weight_transfer: str | None = None):
         """``cfg``: the ``rollout`` section (engine, KV cache, batch size); ``dtype``/``seed``: the
@@ -37,9 +37,6 @@ class RolloutWorker:
         self.engine = build_engine(cfg.engine, model_path, options)
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
         self._version = 0
-
-    def version(self) -> int:
-        return self._version
 
     def generate(self, prompts: list[Prompt], sampling: SamplingConfig, policy_version: int) -> Iterator[Rollout]:
         """Yield one Rollout per (prompt, sample) as each completes."""
@@ -76,14 +73,6 @@ class RolloutWorker:
         self.engine.load_weights(as_weights(state).tensors())
         self._version = int(version)
         return time.perf_counter() - start
-
-    def weight_transfer(self, phase: str, info: dict | None = None, version: int | None = None) -> None:
-        """vLLM's weight-transfer protocol, driven by learner rank 0 (``weight_sync.backend=
-        collective``, learner/transfer.py); a completed ``receive`` makes ``version`` this
-        engine's policy version."""
-        self.engine.weight_transfer(phase, info)
-        if phase == "receive" and version is not None:
-            self._version = int(version)
 
     def sequence_logprobs(self, prompt_ids: list[int], response_ids: list[int]) -> list[float]:
         return self.engine.sequence_logprobs([int(t) for t in prompt_ids], [int(t) for t in response_ids])

@@ -21,12 +21,12 @@ import numpy as np
 
 from distil_ray.config import TeacherConfig
 from distil_ray.engines import EngineOptions, build_engine
-from distil_ray.engines.base import Weights, as_weights, configure_threads
+from distil_ray.engines.base import EngineHolder, Weights, as_weights, configure_threads
 from distil_ray.feedback.templates import TeacherContext, reference_solution_context, reprompt_group
 from distil_ray.records import Graded, Prompt, Scored
 
 
-class TeacherScorer:
+class TeacherScorer(EngineHolder):
     def __init__(self, model_path: str, cfg: TeacherConfig, *, dtype: str = "float32", seed: int = 0,
                  weight_transfer: str | None = None):
         """``cfg``: the ``teacher`` section (backend, context, top-k, how its weights follow the
@@ -185,17 +185,6 @@ class TeacherScorer:
         self.engine.load_weights(as_weights(state).tensors())
         self._version = int(version)
         return time.perf_counter() - start
-
-    def weight_transfer(self, phase: str, info: dict | None = None, version: int | None = None) -> None:
-        """vLLM's weight-transfer protocol, driven by learner rank 0 (``weight_sync.backend=
-        collective``, learner/transfer.py); a completed ``receive`` makes ``version`` this
-        engine's policy version."""
-        self.engine.weight_transfer(phase, info)
-        if phase == "receive" and version is not None:
-            self._version = int(version)
-
-    def version(self) -> int:
-        return self._version
 
     def sequence_logprobs(self, prompt_ids: list[int], response_ids: list[int]) -> list[float]:
         return self.engine.sequence_logprobs([int(t) for t in prompt_ids], [int(t) for t in response_ids])
