@@ -8,14 +8,13 @@ driver.
 
 from __future__ import annotations
 
-import socket
 from typing import Any, Sequence
 
 import ray
 
 from distil_ray.config import AlgorithmConfig, LearnerConfig
 from distil_ray.learner.packing import balanced_split, sequence_length, split_groups
-from distil_ray.learner.worker import Rendezvous
+from distil_ray.learner.worker import Rendezvous, free_port
 from distil_ray.records import Scored
 
 
@@ -27,10 +26,7 @@ class LearnerActor:
         self.worker = None
 
     def rendezvous_address(self) -> tuple[str, int]:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind(("", 0))  # a port free now; the process group binds it a moment later
-            port = s.getsockname()[1]
-        return ray.util.get_node_ip_address(), port
+        return ray.util.get_node_ip_address(), free_port()
 
     def setup(self, model_path: str, cfg, algorithm, rendezvous, options: dict) -> bool:
         from distil_ray.learner.worker import LearnerWorker
@@ -108,6 +104,7 @@ class LearnerGroup:
         cfg.check()
         algorithm.check()
         self.world_size = cfg.world_size
+        self.collective_timeout_s = cfg.collective_timeout_s
         self.name = name
         actor_cls = ray.remote(LearnerActor)
         self.actors = [
@@ -128,8 +125,11 @@ class LearnerGroup:
 
     # --------------------------------------------------------------- collective calls
 
-    def _all(self, method: str, *args) -> list:
-        return ray.get([getattr(a, method).remote(*args) for a in self.actors])
+    def _all(self, method: str, *args, timeout_s: float | None = None) -> list:
+        try:
+            return ray.get([getattr(a, method).remote(*args) for a in self.actors], timeout=timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            raise TimeoutError(f"learner ranks: {method} did not finish within {timeout_s:.0f} s") from None
 
     def train_step(self, records: Sequence[Scored] | Sequence[ray.ObjectRef], *,
                    sizes: Sequence[int] | None = None) -> dict:
@@ -162,7 +162,7 @@ class LearnerGroup:
 
     def advance_ema(self) -> None:
         """Move the moving average towards the current weights (``ema_rate`` set)."""
-        self._all("advance_ema")
+        self._all("advance_ema", timeout_s=self.collective_timeout_s)
 
     def _rank0_ref(self, method: str, *args) -> ray.ObjectRef:
         refs = [getattr(a, method).remote(*args) for a in self.actors]
@@ -182,14 +182,15 @@ class LearnerGroup:
         weights (see learner/transfer.py)."""
         options = {"dtype": dtype, "bucket_bytes": int(bucket_bytes), "timeout_s": float(timeout_s), "source": source}
         # A list argument is not resolved by Ray: the handles reach the ranks as handles.
-        self._all("connect_engines", list(actors), options)
+        # the engines' own rendezvous has timeout_s; the margin lets their error arrive first
+        self._all("connect_engines", list(actors), options, timeout_s=float(timeout_s) + 60.0)
 
     def send_weights_refs(self, version: int, source: str = "policy") -> list:
         """Every rank's part of one broadcast of ``source`` to its engines (wait on all of them)."""
         return [a.send_weights.remote(int(version), source) for a in self.actors]
 
     def disconnect_engines(self, timeout_s: float = 60.0) -> None:
-        ray.get([a.disconnect_engines.remote() for a in self.actors], timeout=timeout_s)
+        self._all("disconnect_engines", timeout_s=timeout_s)
 
     def load_checkpoint(self, path: str) -> dict:
         return self._all("load_checkpoint", str(path))[0]

@@ -13,25 +13,20 @@ The transport is vLLM's ``nccl`` engine where the learner runs NCCL (the GPUs), 
 
 from __future__ import annotations
 
-import socket
 from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
-
-def _weight_source_base():
-    from vllm.distributed.weight_transfer.base import WeightSource
-
-    return WeightSource
+from distil_ray.learner.worker import free_port
 
 
 def sharded_weights(named: Callable[[], Iterable[tuple[str, torch.Tensor]]], dtype: torch.dtype):
     """A vLLM ``WeightSource`` over the (HF name, FSDP2-sharded tensor) pairs ``named()`` gives (the
     policy's parameters, or their moving average) in ``dtype``: the metadata from the global shapes
     (no gather), each iteration all-gathering one tensor at a time."""
-    from vllm.distributed.weight_transfer.base import ParamMeta, materialize_full_tensor
+    from vllm.distributed.weight_transfer.base import ParamMeta, WeightSource, materialize_full_tensor
 
-    class ShardedWeights(_weight_source_base()):
+    class ShardedWeights(WeightSource):
         def metadata(self) -> list:
             return [ParamMeta(name, dtype, tuple(t.shape)) for name, t in named()]
 
@@ -104,7 +99,7 @@ class Channel:
 
         self.client = EngineActors(actors, timeout_s)
         world_size = 1 + len(self.client.actors)
-        port = _free_port() if rank == 0 else 0
+        port = free_port() if rank == 0 else 0
         if vllm_backend(learner_backend) == "nccl":
             from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo
 
@@ -127,9 +122,3 @@ class Channel:
         self.engine.shutdown()
         if self.engine.is_sender:
             self.client.shutdown()
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]

@@ -27,6 +27,7 @@ import os
 import pickle
 import random
 import shutil
+import socket
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -72,6 +73,13 @@ def peak_memory_mb(device: torch.device) -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def free_port() -> int:
+    """A TCP port free now (a process group's store binds it a moment later)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
 
 
 @dataclass(frozen=True)
