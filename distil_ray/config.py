@@ -420,8 +420,9 @@ class HttpConfig(Section):
 class TeacherConfig(Section):
     KEY: ClassVar[str] = "teacher"
     CHOICES: ClassVar[Dict[str, tuple]] = {
-        # an in-process engine, or http: a black-box expert behind an OpenAI-compatible server
-        "backend": ENGINE_BACKENDS + ("http",),
+        # an in-process engine; http: a black-box expert behind an OpenAI-compatible server; learner:
+        # the learner ranks run the teacher's forward inside the training step (no engine, no GPU)
+        "backend": ENGINE_BACKENDS + ("http", "learner"),
         # reprompt (feedback / successful sibling) | reference_solution (OPSD)
         "context": ("reprompt", "reference_solution"),
         # the teacher's weights: current (the policy, synced each step) | ema (a moving average of
@@ -429,12 +430,12 @@ class TeacherConfig(Section):
         "update": ("current", "ema", "fixed"),
     }
 
-    backend: str = "vllm"  # vllm | hf | http
+    backend: str = "vllm"  # vllm | hf | http | learner
     context: str = "reprompt"
     topk: int = 20
     num_cpus: float = 0.25
     kv_cache_memory_bytes: int = 64 * 2**20
-    num_gpus: float = 0.0
+    num_gpus: float = 0.0  # ignored with backend=learner (its actor only builds contexts)
     # teacher context + response beyond this many tokens is not scored (no signal, counted);
     # None: the model's max_position_embeddings
     max_context_tokens: Optional[int] = None
@@ -447,6 +448,12 @@ class TeacherConfig(Section):
     enforce_eager: Optional[bool] = None
     reprompt: RepromptConfig = field(default_factory=RepromptConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
+
+    @property
+    def follows_policy(self) -> bool:
+        """Whether a weight sync sends this teacher's engine weights (the policy or its average):
+        not when fixed, and not when the learner ranks run it (they hold the weights)."""
+        return self.update != "fixed" and self.backend != "learner"
 
     def check_values(self) -> None:
         if self.backend == "http":
@@ -837,7 +844,7 @@ def _check_weight_sync(cfg: RunConfig) -> None:
     if cfg.weight_sync.backend != "collective":
         return
     engines = [("rollout.engine", cfg.rollout.engine)]
-    if cfg.algorithm.spec.needs_teacher and cfg.teacher.update != "fixed":  # it receives the policy or its average
+    if cfg.algorithm.spec.needs_teacher and cfg.teacher.follows_policy:  # it receives the policy or its average
         engines.append(("teacher.backend", cfg.teacher.backend))
     for key, engine in engines:
         if engine != "vllm":

@@ -84,6 +84,9 @@ class Scored(Graded):
     teacher_topk_logprobs: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))  # [T, k]
     teacher_token_logprobs: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))  # [T]
     distill_mask: bool = False  # False when neither feedback nor a demonstration exists
+    # [P'] int32, the teacher's chat-templated context (its prompt; the response follows it) where
+    # the record was scored or is to be scored on the learner (teacher.backend=learner); else empty
+    teacher_prompt_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
 
     @classmethod
     def from_graded(cls, graded: Graded, **fields) -> "Scored":

@@ -4,6 +4,7 @@
         prompts  ─► RolloutWorkers   n samples per prompt, streamed as each sample finishes
                  ─► FeedbackPool     each sample graded the moment it exists (reward + feedback text)
                  ─► TeacherScorer    each prompt's group, once complete: teacher top-k on the student's tokens
+                                     (or only its context, with teacher.backend=learner: the learner scores it)
                  ─► ReplayQueue      the group's records by reference, tagged with the policy version
         LearnerGroup.train_step(batch from the queue)      FSDP2 ranks, the algorithm's loss
         weight sync ─► RolloutWorkers, TeacherScorer       the new policy version (object store or collective)
@@ -267,19 +268,24 @@ class Trainer:
                                 for i in range(cfg.rollout.num_workers)]
         self.feedback = FeedbackPool(cfg.task, cfg.feedback)
         self.teacher = None
+        on_learner = cfg.teacher.backend == "learner"  # the learner ranks run the teacher's forward
         if self.algorithm.needs_teacher:
-            # groups are scored in batches: whatever is queued when the engine is next free
-            teacher_actor = ray.remote(num_cpus=cfg.teacher.num_cpus, num_gpus=cfg.teacher.num_gpus)(TeacherActor)
-            follows = transfer if cfg.teacher.update != "fixed" else {}  # the policy, or its average
+            # groups are scored in batches: whatever is queued when the engine is next free; with
+            # the teacher on the learner this actor only builds the contexts (no engine, no GPU)
+            teacher_actor = ray.remote(num_cpus=cfg.teacher.num_cpus,
+                                       num_gpus=0 if on_learner else cfg.teacher.num_gpus)(TeacherActor)
+            follows = transfer if cfg.teacher.follows_policy else {}  # the policy, or its average
             self.teacher = teacher_actor.options(name="teacher").remote(model_dir, cfg.teacher, **run, **follows)
         self.replay = ray.remote(num_cpus=0)(ReplayQueue).options(name="replay").remote(cfg.replay)
         # the learner scores the sampled tokens at the temperature they were sampled at
         # an EMA teacher's weights are a moving average the learner ranks keep of their own
         ema_rate = cfg.teacher.ema_rate if self.teacher is not None and cfg.teacher.update == "ema" else None
         self.learner = LearnerGroup(model_dir, cfg.learner, cfg.algorithm, temperature=cfg.rollout.temperature,
-                                    seed=cfg.seed, ema_rate=ema_rate)
-        self.weight_sync = WeightSync(self.learner, self.rollout_workers, self.teacher, cfg.weight_sync,
-                                      teacher_update=cfg.teacher.update, dtype=cfg.model.dtype)
+                                    seed=cfg.seed, ema_rate=ema_rate,
+                                    teacher=cfg.teacher if self.teacher is not None and on_learner else None)
+        self.weight_sync = WeightSync(self.learner, self.rollout_workers, None if on_learner else self.teacher,
+                                      cfg.weight_sync, teacher_update=cfg.teacher.update, dtype=cfg.model.dtype,
+                                      advance_ema=ema_rate is not None)
         self.weight_sync.connect()
         # each prompt, with its reference data (answer keys, tests), goes into the object store once
         self.prompt_refs = {p.uid: ray.put(p) for p in self.train_prompts + self.val_prompts}

@@ -345,6 +345,8 @@ def test_collective_weight_sync_needs_vllm_engines_that_follow_the_policy():
         "weight_sync.backend=collective: teacher.backend='hf'")  # it receives the learners' average
     # a fixed teacher receives nothing: any engine serves it
     validate(compose_config(base + ["teacher.backend=hf", "teacher.update=fixed"]))
+    # nor does a teacher the learner ranks run: they hold its weights
+    assert not validate(compose_config(base + ["teacher.backend=learner", "teacher.update=ema"])).teacher.follows_policy
     assert _error(base + ["learner.backend=nccl", "learner.num_gpus=1"]).startswith(
         "rollout.num_gpus=0.0: weight_sync.backend=collective")
     assert _error(base + ["weight_sync.timeout_s=4000"]).startswith("weight_sync.timeout_s=4000.0: at most")

@@ -24,6 +24,8 @@ class ResponseLogprobs:
     token_logprobs: Tensor  # [B, L]   log π(y_p | s_p) at response positions (differentiable)
     topk_logprobs: Tensor | None  # [B, L, K] log π at the given top-k ids (differentiable)
     entropy: Tensor  # [B, L]   entropy of π at response positions (no grad)
+    own_topk_ids: Tensor | None = None  # [B, L, k'] π's own most likely ids (no grad), with own_topk
+    own_topk_logprobs: Tensor | None = None  # [B, L, k'] and their log π (no grad)
 
 
 def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
@@ -41,6 +43,7 @@ def response_logprobs(
     temperature: float = 1.0,
     chunk_size: int = 256,
     packed: bool = False,
+    own_topk: int = 0,
 ) -> ResponseLogprobs:
     """Log-probs of the response tokens of ``input_ids`` under ``model`` (a HF causal LM).
 
@@ -50,7 +53,8 @@ def response_logprobs(
     ``packed``: the forward runs on the real tokens only, every row's tokens concatenated into one
     sequence whose position ids restart at each row, with no attention mask: transformers then
     attends within each row only and no padded position is computed. The outputs keep the padded
-    layout. With the model's default ``sdpa`` attention transformers builds a dense block-diagonal
+    layout. ``own_topk`` > 0 also returns π's own top-``own_topk`` ids and log-probs per response
+    position (what a teacher scored on the learner hands the loss). With the model's default ``sdpa`` attention transformers builds a dense block-diagonal
     mask over the packed sequence (exact, but attention over all N² pairs); with
     :data:`~distil_ray.learner.attention.PACKED_ATTENTION` (what the learner sets) or
     ``flash_attention_2`` attention reads the row boundaries (``cu_seq_lens``) instead.
@@ -82,6 +86,7 @@ def response_logprobs(
         None if topk_ids is None else topk_ids[rows, cols],
         temperature=temperature,
         chunk_size=chunk_size,
+        with_student_topk=own_topk,
     )
 
     def scatter(values: Tensor, shape) -> Tensor:
@@ -93,8 +98,14 @@ def response_logprobs(
     topk = None
     if topk_ids is not None:
         topk = scatter(gathered.topk_logprobs, (B, L, topk_ids.shape[-1]))
+    own_ids = own_lp = None
+    if own_topk:
+        own_ids = scatter(gathered.student_topk_ids, (B, L, own_topk))
+        own_lp = scatter(gathered.student_topk_logprobs, (B, L, own_topk))
     return ResponseLogprobs(
         token_logprobs=scatter(gathered.token_logprobs, (B, L)),
         topk_logprobs=topk,
         entropy=scatter(gathered.entropy, (B, L)),
+        own_topk_ids=own_ids,
+        own_topk_logprobs=own_lp,
     )

@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 import ray
 
-from distil_ray.config import AlgorithmConfig, LearnerConfig
+from distil_ray.config import AlgorithmConfig, LearnerConfig, TeacherConfig
 from distil_ray.learner.packing import balanced_split, sequence_length, split_groups
 from distil_ray.learner.worker import Rendezvous, free_port
 from distil_ray.records import Scored
@@ -36,6 +36,9 @@ class LearnerActor:
 
     def train_step(self, records: list) -> dict:
         return self.worker.train_step(_resolve(records))
+
+    def score_teacher(self, records: list, at_ids=None) -> list:
+        return self.worker.score_teacher(_resolve(records), at_ids)
 
     def state_dict_numpy(self):
         return self.worker.state_dict_numpy()
@@ -86,7 +89,8 @@ def _resolve(items: list) -> list[Scored]:
 
 class LearnerGroup:
     """``cfg.world_size`` ranks named ``{name}-{rank}``; ``cfg``: the ``learner`` section,
-    ``algorithm``: the ``algorithm`` section; ``temperature``/``seed``: see :class:`LearnerWorker`."""
+    ``algorithm``: the ``algorithm`` section; ``temperature``/``seed``/``ema_rate``/``teacher``: see
+    :class:`LearnerWorker`."""
 
     def __init__(
         self,
@@ -97,6 +101,7 @@ class LearnerGroup:
         temperature: float = 1.0,
         seed: int = 0,
         ema_rate: float | None = None,
+        teacher: TeacherConfig | None = None,
         name: str = "learner",
         setup_timeout_s: float = 600.0,
     ):
@@ -111,7 +116,9 @@ class LearnerGroup:
             actor_cls.options(name=f"{name}-{rank}", num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus).remote()
             for rank in range(cfg.world_size)
         ]
-        options = {"temperature": temperature, "seed": seed, "ema_rate": ema_rate}
+        if teacher is not None:
+            teacher.check()
+        options = {"temperature": temperature, "seed": seed, "ema_rate": ema_rate, "teacher": teacher}
         try:
             addr, port = ray.get(self.actors[0].rendezvous_address.remote(), timeout=setup_timeout_s)
             ray.get([
@@ -150,6 +157,21 @@ class LearnerGroup:
             shards = [[records[i] for i in idx] for idx in balanced_split(keys, list(sizes), self.world_size)]
         # A list argument is not resolved by Ray: the refs reach the rank as refs.
         return ray.get([a.train_step.remote(shard) for a, shard in zip(self.actors, shards)])[0]
+
+    def score_teacher(self, records: Sequence[Scored], at_ids: Sequence | None = None) -> list[Scored]:
+        """``LearnerWorker.score_teacher`` over the ranks (``teacher.backend=learner``): record i on
+        rank i mod world size; the records come back in input order. What ``train_step`` does
+        itself before its loss; here for inspection and tests."""
+        records = list(records)
+        shares = [list(range(rank, len(records), self.world_size)) for rank in range(self.world_size)]
+        results = ray.get([
+            a.score_teacher.remote([records[i] for i in share], None if at_ids is None else [at_ids[i] for i in share])
+            for a, share in zip(self.actors, shares)], timeout=self.collective_timeout_s)
+        out: list[Scored] = [None] * len(records)  # type: ignore[list-item]
+        for share, scored in zip(shares, results):
+            for i, r in zip(share, scored):
+                out[i] = r
+        return out
 
     def state_dict_ref(self) -> ray.ObjectRef:
         """An ObjectRef to rank 0's full float32 numpy state dict; the dict stays out of the driver."""

@@ -134,6 +134,20 @@ def at_response_columns(values: Sequence[np.ndarray], records: Sequence[Scored],
     return out
 
 
+def at_response_columns_ids(values: Sequence[np.ndarray], records: Sequence[Scored], width: int) -> Tensor:
+    """One ``[T, K]`` id array per record at its response columns of a left-padded ``[B, width, K]``."""
+    ks = {int(np.shape(v)[1]) for v in values}
+    if len(ks) != 1:
+        raise ValueError(f"at_ids: every record needs the same number of ids per position, got {sorted(ks)}")
+    out = torch.zeros(len(records), width, ks.pop(), dtype=torch.long)
+    for i, (v, r) in enumerate(zip(values, records)):
+        T = len(r.response_ids)
+        if np.shape(v)[0] != T:
+            raise ValueError(f"at_ids for {r.prompt_uid!r}/{r.sample_index}: {np.shape(v)[0]} rows for {T} tokens")
+        out[i, width - T:] = torch.from_numpy(np.asarray(v, dtype=np.int64))
+    return out
+
+
 def _per_token(values, T: int, name: str, r: Scored) -> Tensor:
     arr = np.asarray(values, dtype=np.float32)
     if arr.shape != (T,):

@@ -33,11 +33,13 @@ from distil_ray.config import WeightSyncConfig
 
 class WeightSync:
     def __init__(self, learner, rollout_workers: Sequence, teacher=None, cfg: WeightSyncConfig | None = None, *,
-                 teacher_update: str = "current", dtype: str = "float32"):
+                 teacher_update: str = "current", dtype: str = "float32", advance_ema: bool | None = None):
         """``learner``: the LearnerGroup (the weights' source); ``rollout_workers`` and ``teacher``
-        (None without one): the actors that hold engines; ``cfg``: the ``weight_sync`` section;
-        ``teacher_update``: ``teacher.update``; ``dtype``: the engines' (``model.dtype``), in which
-        the weights travel."""
+        (None without one, or when the learner ranks run it): the actors that hold engines;
+        ``cfg``: the ``weight_sync`` section; ``teacher_update``: ``teacher.update``; ``dtype``: the
+        engines' (``model.dtype``), in which the weights travel; ``advance_ema``: whether each push
+        moves the learners' moving average (default: when an EMA teacher engine receives it; a
+        teacher run on the learner ranks sets it itself)."""
         self.cfg = cfg or WeightSyncConfig()
         self.cfg.check()
         self.learner = learner
@@ -47,6 +49,7 @@ class WeightSync:
         self.dtype = dtype
         self.collective = self.cfg.backend == "collective"
         self.connected = False
+        self.advance_ema = self._ema_teacher if advance_ema is None else bool(advance_ema)
 
     def _policy_followers(self) -> list:
         """The engines that load the policy itself."""
@@ -74,7 +77,7 @@ class WeightSync:
         and the moving average, first moved towards them, to an EMA teacher; returns the seconds
         it took."""
         t0 = time.perf_counter()
-        if self._ema_teacher:
+        if self.advance_ema:
             self.learner.advance_ema()
         self._send(version, f"loading policy version {version}")
         return time.perf_counter() - t0

@@ -22,6 +22,7 @@ How the pieces fit:
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import os
 import pickle
@@ -29,6 +30,7 @@ import random
 import shutil
 import socket
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -40,13 +42,14 @@ import torch.distributed as dist
 from torch import nn
 
 from distil_ray.algorithms.advantages import group_relative_advantages
-from distil_ray.config import COMPUTE_DTYPES, AlgorithmConfig, LearnerConfig
+from distil_ray.config import COMPUTE_DTYPES, AlgorithmConfig, LearnerConfig, TeacherConfig
 from distil_ray.engines.base import Weights
 from distil_ray.learner.attention import register as register_packed_attention
 from distil_ray.learner.forward import response_logprobs
 from distil_ray.learner.loading import empty_causal_lm, materialise_and_load
 from distil_ray.algorithms.losses import distil_returns
-from distil_ray.learner.packing import Batch, at_response_columns, micro_batches, pack, token_budget_micro_batches
+from distil_ray.learner.packing import (Batch, at_response_columns, at_response_columns_ids, micro_batches, pack,
+                                        token_budget_micro_batches)
 from distil_ray.records import Scored
 from distil_ray.telemetry.reduce import MetricsSum
 
@@ -123,11 +126,14 @@ class LearnerWorker:
         temperature: float = 1.0,
         seed: int = 0,
         ema_rate: float | None = None,
+        teacher: TeacherConfig | None = None,
     ):
         """``cfg``: the ``learner`` section; ``algorithm``: the ``algorithm`` section (loss and
         advantage settings); ``temperature``: the rollouts' sampling temperature, at which the
         learner scores the same tokens; ``ema_rate``: keep a moving average of the weights at this
-        rate (``teacher.update=ema``: the EMA teacher's weights), None for none."""
+        rate (``teacher.update=ema``: the EMA teacher's weights), None for none; ``teacher``: the
+        ``teacher`` section when these ranks run the teacher themselves (``teacher.backend=learner``,
+        see :meth:`score_teacher`), else None."""
         # Validate everything before joining the process group: a bad value must fail fast on
         # every rank instead of leaving the others waiting in init_process_group.
         cfg.check()
@@ -137,6 +143,11 @@ class LearnerWorker:
             raise ValueError(f"rank={rank} must lie in [0, world_size={world_size})")
         if ema_rate is not None and not 0.0 < ema_rate <= 1.0:
             raise ValueError(f"ema_rate={ema_rate!r}: must lie in (0, 1]")
+        if teacher is not None:
+            teacher.check()
+            if teacher.update == "ema" and ema_rate is None:
+                raise ValueError("teacher.update=ema on the learner needs ema_rate (the average it scores with)")
+        self.teacher_cfg = teacher
         self.cfg = cfg
         self.algorithm = algorithm.spec
         self.rank, self.world_size = rank, world_size
@@ -207,6 +218,9 @@ class LearnerWorker:
         # ever holds the whole average): θ_T ← θ_T + rate·(θ − θ_T) at every advance_ema.
         self.ema_rate = ema_rate
         self.ema = {name: p.detach().clone() for name, p in model.named_parameters()} if ema_rate else None
+        # A fixed teacher scored here keeps the starting weights the same way (never advanced).
+        fixed_here = teacher is not None and teacher.update == "fixed"
+        self.initial = {name: p.detach().clone() for name, p in model.named_parameters()} if fixed_here else None
         self.pad_id = self._pad_id(model)
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas),
                                            eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
@@ -242,6 +256,8 @@ class LearnerWorker:
         distill_only = algo.needs_teacher
         # Records without loss tokens change neither the loss nor its denominator: skip the compute.
         records = [r for r in records if len(r.response_ids) and (not distill_only or r.distill_mask)]
+        if self.teacher_cfg is not None and algo.needs_teacher:
+            records = self.score_teacher(records)  # teacher.backend=learner: the teacher runs here
         topk = self._topk(records) if algo.needs_teacher else None
         parts = self._micro_batch_records(records)
         # Collective bookkeeping is CPU tensors: see process_group_backend.
@@ -437,6 +453,106 @@ class LearnerWorker:
             torch.nn.utils.clip_grads_with_norm_(params, self.cfg.grad_clip, total)
         return float(total)
 
+    # ------------------------------------------------------------------ the teacher on the learner
+
+    # vLLM's prompt log-probs (what an engine teacher returns) are those of the raw logits: T = 1
+    TEACHER_TEMPERATURE = 1.0
+
+    def score_teacher(self, records: Sequence[Scored], at_ids: Sequence[np.ndarray] | None = None) -> list[Scored]:
+        """The teacher's log-probs for ``records``, computed on these ranks (collective).
+
+        Each record with ``distill_mask`` and a ``teacher_prompt_ids`` context (what the teacher
+        actor built) is scored by a no-grad forward over ``teacher_prompt_ids + response_ids``
+        with the teacher's weights: the current policy, the moving average (``teacher.update=ema``)
+        or the starting weights (``fixed``). Without ``at_ids`` each record gets the teacher's own
+        top-``teacher.topk`` ids and log-probs, as an engine teacher returns them; with ``at_ids``
+        (one ``[T, K]`` id array per record) it gets the log-probs at exactly those ids (e.g. the
+        student's own top-k). Every record also gets log π_T at its sampled tokens. Records without
+        a signal come back unchanged. Ranks pad to the same number of forwards.
+        """
+        if self.teacher_cfg is None:
+            raise RuntimeError("score_teacher: this learner was built without a teacher section")
+        records = list(records)
+        if at_ids is not None and len(at_ids) != len(records):
+            raise ValueError(f"at_ids has {len(at_ids)} entries for {len(records)} records")
+        todo = [i for i, r in enumerate(records) if r.distill_mask and len(r.teacher_prompt_ids) and len(r.response_ids)]
+        missing = [r for r in records if r.distill_mask and len(r.response_ids) and not len(r.teacher_prompt_ids)]
+        if missing:
+            r = missing[0]
+            raise ValueError(f"record {r.prompt_uid!r}/{r.sample_index} has distill_mask but no teacher_prompt_ids: "
+                             "teacher.backend=learner needs the teacher actor's contexts")
+        # the teacher's sequences: its context in place of the student's prompt, the same response
+        views = [dataclasses.replace(records[i], prompt_ids=records[i].teacher_prompt_ids) for i in todo]
+        position = {id(v): i for v, i in zip(views, todo)}
+        budget = self.cfg.max_tokens_per_micro_batch
+        parts = (token_budget_micro_batches(views, budget, self.cfg.micro_batch_size) if budget is not None
+                 else micro_batches(views, self.cfg.micro_batch_size, split_large_groups=True)) if views else []
+        n_micro_t = torch.tensor([len(parts)], dtype=torch.long)
+        dist.all_reduce(n_micro_t, op=dist.ReduceOp.MAX)
+        k = int(self.teacher_cfg.topk)
+        out = list(records)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with self._teacher_weights():
+                for m in range(int(n_micro_t)):
+                    if m >= len(parts):
+                        self._inference(self._idle_loss)
+                        continue
+                    part = parts[m]
+                    batch = pack(part, pad_id=self.pad_id, topk=None).to(self.device)
+                    ids = None
+                    if at_ids is not None:
+                        ids = at_response_columns_ids([at_ids[position[id(v)]] for v in part], part,
+                                                      batch.input_ids.shape[1]).to(self.device)
+                    scores = self._inference(self._teacher_forward, batch, ids, 0 if ids is not None else k)
+                    width = batch.input_ids.shape[1]
+                    for row, v in enumerate(part):
+                        cols = slice(width - len(v.response_ids), width)
+                        token_lp, top_ids, top_lp = (None if t is None else t[row, cols].cpu() for t in scores)
+                        out[position[id(v)]] = dataclasses.replace(
+                            records[position[id(v)]],
+                            teacher_topk_ids=top_ids.numpy().astype(np.int32),
+                            teacher_topk_logprobs=top_lp.float().numpy(),
+                            teacher_token_logprobs=token_lp.float().numpy())
+        finally:
+            self.model.train(was_training)
+        return out
+
+    def _teacher_forward(self, policy, batch: Batch, ids: torch.Tensor | None, own_topk: int):
+        """(token log-probs, top-k ids, top-k log-probs) at the response columns: the teacher's own
+        top-``own_topk``, or the log-probs at ``ids``."""
+        out = response_logprobs(policy, batch.input_ids, batch.attention_mask, batch.response_mask, ids,
+                                temperature=self.TEACHER_TEMPERATURE, chunk_size=self.cfg.logprob_chunk_size,
+                                packed=self.cfg.packed_sequences, own_topk=own_topk)
+        if ids is not None:
+            return out.token_logprobs, ids, out.topk_logprobs
+        return out.token_logprobs, out.own_topk_ids, out.own_topk_logprobs
+
+    @contextmanager
+    def _teacher_weights(self):
+        """The teacher's weights in the model's own shards for the duration: swapped in place with
+        the moving average or the starting weights (one parameter's copy at a time, exact), then
+        swapped back. The current policy needs no swap."""
+        source = {"current": None, "ema": self.ema, "fixed": self.initial}[self.teacher_cfg.update]
+        if source is None:
+            yield
+            return
+        pairs = [(_local(p.detach()), _local(source[name])) for name, p in self.model.named_parameters()]
+
+        def swap():
+            with torch.no_grad():
+                for a, b in pairs:
+                    held = a.clone()
+                    a.copy_(b)
+                    b.copy_(held)
+
+        swap()
+        try:
+            yield
+        finally:
+            swap()
+
     # ------------------------------------------------------------------ inference helpers
 
     def _inference(self, fn: Callable, *args):
@@ -504,9 +620,8 @@ class LearnerWorker:
         """Move the moving average a ``ema_rate`` of the way to the current weights (each rank its
         own shards; no communication)."""
         ema = self._ema_tensors()
-        local = [t.to_local() if hasattr(t, "to_local") else t for t in ema.values()]
-        current = [p.detach().to_local() if hasattr(p, "to_local") else p.detach()
-                   for _, p in self.model.named_parameters()]
+        local = [_local(t) for t in ema.values()]
+        current = [_local(p.detach()) for _, p in self.model.named_parameters()]
         with torch.no_grad():
             torch._foreach_lerp_(local, current, self.ema_rate)
 
@@ -566,6 +681,8 @@ class LearnerWorker:
                  "optimizer": get_optimizer_state_dict(self.model, self.optimizer)}
         if self.ema is not None:
             state["ema"] = self.ema  # loaded in place like the model's shards
+        if self.initial is not None:
+            state["initial"] = self.initial  # a fixed teacher scored on the learner
         return state
 
     def save_checkpoint(self, path: str, extra: dict) -> None:
@@ -639,6 +756,11 @@ class LearnerWorker:
         finally:
             if dist.is_initialized():
                 dist.destroy_process_group()
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a (possibly sharded) tensor, sharing its storage."""
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def _rng_state() -> dict:

@@ -5,7 +5,9 @@ successful sibling's answer or the environment's feedback, or OPSD's reference s
 chat-templates it, appends the student's response token ids exactly as sampled, and asks its
 engine (``distil_ray.engines``) for the top-k log-probs at every response position. Rollouts
 without any signal keep correctly shaped zero arrays and ``distill_mask=False``; they are not sent
-to the engine.
+to the engine. With ``teacher.backend=learner`` there is no engine: the records carry their
+teacher context (``teacher_prompt_ids``) and the learner ranks score them inside the training step
+(``LearnerWorker.score_teacher``).
 
 A plain class; the driver runs it in :class:`~distil_ray.teacher.actor.TeacherActor`, which
 batches the groups queued while the engine is busy into one :meth:`TeacherScorer.score_groups` call.
@@ -47,6 +49,8 @@ class TeacherScorer(EngineHolder):
             from distil_ray.engines.http import HTTPEngine
 
             self.engine = HTTPEngine(model_path, cfg.http)
+        elif cfg.backend == "learner":  # contexts only: the learner ranks run the teacher's forward
+            self.engine = None
         else:
             self.engine = build_engine(cfg.backend, model_path, options)
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
@@ -128,19 +132,26 @@ class TeacherScorer(EngineHolder):
                 contexts_seen.append(tp + response)
             plans.append((graded, contexts, sent, too_long))
         self._last_contexts = contexts_seen
+        if self.engine is None:  # scored on the learner
+            return [self._records(graded, contexts, {}, too_long, {i: requests[j][0] for i, j in sent.items()})
+                    for graded, contexts, sent, too_long in plans]
         start = time.perf_counter()
         scores = self.engine.score_topk([p for p, _ in requests], [r for _, r in requests], self.cfg.topk) if requests else []
         self._stats["score_seconds"] += time.perf_counter() - start
-        return [self._records(graded, contexts, {i: scores[j] for i, j in sent.items()}, too_long)
+        return [self._records(graded, contexts, {i: scores[j] for i, j in sent.items()}, too_long,
+                              {i: requests[j][0] for i, j in sent.items()})
                 for graded, contexts, sent, too_long in plans]
 
-    def _records(self, graded, contexts, scores: dict, too_long: set) -> list[Scored]:
+    def _records(self, graded, contexts, scores: dict, too_long: set, teacher_prompts: dict) -> list[Scored]:
         k = self.cfg.topk
         out = []
         for i, (g, ctx) in enumerate(zip(graded, contexts)):
             T = len(g.response_ids)
             s = scores.get(i)
-            if s is not None:
+            to_score_later = self.engine is None and i in teacher_prompts
+            if to_score_later:  # the learner fills the top-k (k columns) from the context
+                top_ids, top_lp, token_lp = np.zeros((T, 0), np.int32), np.zeros((T, 0), np.float32), np.zeros(0, np.float32)
+            elif s is not None:
                 kk = s.topk_ids.shape[1]
                 top_ids = np.zeros((T, k), np.int32)
                 top_lp = np.zeros((T, k), np.float32)
@@ -164,6 +175,7 @@ class TeacherScorer(EngineHolder):
                     teacher_topk_logprobs=top_lp,
                     teacher_token_logprobs=token_lp,
                     distill_mask=bool(ctx.has_signal and T > 0 and i not in too_long),
+                    teacher_prompt_ids=np.asarray(teacher_prompts.get(i, ()), np.int32),
                 )
             )
         return out
@@ -177,9 +189,9 @@ class TeacherScorer(EngineHolder):
 
     def update_weights(self, state: Weights | dict[str, np.ndarray], version: int) -> float:
         """Load the weights a sync sends: the policy (``update="current"``) or the learners' moving
-        average of it (``update="ema"``, learner/weight_sync.py). A fixed teacher ignores them.
-        Returns the seconds spent loading."""
-        if self.cfg.update == "fixed":
+        average of it (``update="ema"``, learner/weight_sync.py). A fixed teacher, and one the
+        learner runs (no engine here), ignore them. Returns the seconds spent loading."""
+        if self.cfg.update == "fixed" or self.engine is None:
             return 0.0
         start = time.perf_counter()
         self.engine.load_weights(as_weights(state).tensors())
@@ -187,6 +199,8 @@ class TeacherScorer(EngineHolder):
         return time.perf_counter() - start
 
     def sequence_logprobs(self, prompt_ids: list[int], response_ids: list[int]) -> list[float]:
+        if self.engine is None:
+            raise RuntimeError("teacher.backend=learner: the teacher's log-probs are computed on the learner ranks")
         return self.engine.sequence_logprobs([int(t) for t in prompt_ids], [int(t) for t in response_ids])
 
     def stats(self) -> dict[str, Any]:

@@ -56,6 +56,7 @@ def make_records(model, tokenizer, *, n_prompts=4, samples=4, k=8, seed=0, min_l
             teacher_topk_logprobs=teacher[i].topk_logprobs.numpy().astype(np.float32),
             teacher_token_logprobs=teacher[i].token_logprobs.numpy().astype(np.float32),
             distill_mask=i not in no_signal,
+            teacher_prompt_ids=np.asarray(teacher_prompts[i], np.int32),
         ))
     return records
 
