@@ -215,8 +215,10 @@ class Section:
 class RayConfig(Section):
     KEY: ClassVar[str] = "ray"
 
-    address: Optional[str] = None  # None: start a local cluster; "auto" or "ray://host:port" to join one
-    num_cpus: Optional[int] = None  # local cluster only; None lets Ray count the cores
+    # None: $RAY_ADDRESS when set (ray job submit), else a fresh local cluster of the run's own;
+    # "auto" or "ray://host:port" to join one
+    address: Optional[str] = None
+    num_cpus: Optional[int] = None  # a fresh local cluster only; None lets Ray count the cores
     include_dashboard: bool = False
     namespace: str = "distil_ray"
 
@@ -577,8 +579,16 @@ class TrainerConfig(Section):
     checkpoint_every: int = 0  # 0: only at the end
     resume: str = "never"  # never | auto | <checkpoint directory>
     save_hf_at_end: bool = False
+    # the longest the driver waits on any actor's stage (rollouts, grading, the teacher, the replay
+    # queue, a learner step) before it stops the run naming what it waited on
+    actor_timeout_s: float = 1800.0
+    # this many steps in a row whose every update had a non-finite loss or gradient norm (each
+    # skipped: no optimizer step, no sync) end the run
+    max_bad_steps: int = 3
 
     def check_values(self) -> None:
+        self.positive("actor_timeout_s")
+        self.at_least("max_bad_steps", 1)
         self.at_least("total_steps", 1)
         self.at_least("prompts_per_step", 1)
         self.at_least("eval_every", 0)
@@ -789,6 +799,22 @@ def check_cpu_budget(cfg: "RunConfig", available: float, where: str) -> None:
         )
 
 
+def check_gpu_budget(cfg: "RunConfig", available: float, where: str) -> None:
+    """Fail unless the actors' GPU shares fit in ``available`` GPUs: Ray would queue the actors
+    that do not fit and the run would wait forever."""
+    demand = {
+        "rollout.num_gpus * rollout.num_workers": cfg.rollout.num_gpus * cfg.rollout.num_workers,
+        "learner.num_gpus * learner.world_size": cfg.learner.num_gpus * cfg.learner.world_size,
+    }
+    if cfg.algorithm.spec.needs_teacher and cfg.teacher.backend != "learner":
+        demand["teacher.num_gpus"] = cfg.teacher.num_gpus
+    total = sum(demand.values())
+    if total > available + 1e-9:
+        parts = ", ".join(f"{k} = {v:g}" for k, v in demand.items() if v)
+        raise ConfigError(f"{where}: the actors ask for {total:g} GPUs ({parts}); set those to 0 on a machine "
+                          "without GPUs, or run on a cluster that has them")
+
+
 def validate(cfg) -> RunConfig:
     """Check every key and value that a type cannot; return the config as a :class:`RunConfig`.
 
@@ -830,7 +856,7 @@ def validate(cfg) -> RunConfig:
             f"replay.capacity={cfg.replay.capacity}: must be >= trainer.prompts_per_step * rollout.n_samples "
             f"= {per_step} (one step's samples)"
         )
-    if cfg.ray.num_cpus is not None and cfg.ray.address is None:
+    if cfg.ray.num_cpus is not None and cfg.ray.address is None and not os.environ.get("RAY_ADDRESS"):
         check_cpu_budget(cfg, cfg.ray.num_cpus, f"ray.num_cpus={cfg.ray.num_cpus}")
     if cfg.learner.updates_per_batch > cfg.trainer.prompts_per_step:
         raise ConfigError(

@@ -5,7 +5,11 @@ Hydra composes ``conf/config.yaml`` (or ``$DISTIL_RAY_CONF/config.yaml``) with t
 run directory. Before anything starts, the config is validated (``distil_ray.config.validate``):
 a wrong key or value prints one line naming it, ``rollout.engine='vlm': allowed values are
 'vllm', 'hf'``, and exits with status 2 — no traceback. The run directory (Hydra's output
-directory) receives ``resolved_config.yaml``; then ``Trainer(cfg, run_dir).fit()`` runs.
+directory) receives ``resolved_config.yaml``; then ``Trainer(cfg, run_dir).fit()`` runs. An
+environment error found after that (a cluster too small for the actors, a model path or data file
+that is missing or malformed) is reported the same way, one line and status 2; a run that has to
+stop (an actor past ``trainer.actor_timeout_s``, ``trainer.max_bad_steps`` non-finite steps) says
+why in one line and exits with status 1.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from distil_ray.config import (
 )
 
 CONFIG_ERROR_EXIT = 2
+RUN_STOPPED_EXIT = 1
 
 
 class _State:
@@ -54,10 +59,16 @@ def run(cfg) -> dict:
     (run_dir / "resolved_config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(run_cfg), resolve=True))
 
     # Imported only now: printing or rejecting a config should not pay for torch, Ray and vLLM.
-    from distil_ray.trainer import Trainer
+    from distil_ray.trainer import RunStopped, Trainer
 
     try:
         return Trainer(run_cfg, run_dir).fit()
+    except ConfigError as e:  # found after start-up: the cluster, the model path, the data
+        _fail(e)
+    except RunStopped as e:  # an actor past its deadline, too many non-finite steps: the line says it all
+        sys.stderr.write(f"run stopped: {e}\n")
+        sys.stderr.flush()
+        sys.exit(RUN_STOPPED_EXIT)
     except Exception as e:
         _State.run_errors.add(id(e))
         raise

@@ -19,7 +19,9 @@ around it, so ``put`` and ``get`` can wait without blocking each other.
 from __future__ import annotations
 
 import asyncio
+import os
 from collections import deque
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Any
 
@@ -138,3 +140,32 @@ class ReplayQueue:
 
     async def stats(self) -> dict[str, int]:
         return self.buffer.stats()
+
+    async def save(self, path: str) -> int:
+        """Write every queued group (its records, not references) to ``path``, oldest first, for a
+        checkpoint: the rounds generated ahead of the learner are part of an exact resume. Returns
+        the number of groups written."""
+        import pickle
+
+        async with self._changed:
+            entries = list(self.buffer._entries)
+            groups = [[await ref for ref in entry.refs] for entry in entries]
+            payload = [(g, e.num_records, e.version, e.num_tokens) for g, e in zip(groups, entries)]
+        tmp = Path(path).with_suffix(".tmp")
+        tmp.write_bytes(pickle.dumps(payload))
+        os.replace(tmp, path)  # a reader never sees a half-written file
+        return len(payload)
+
+    async def load(self, path: str) -> int:
+        """Queue the groups :meth:`save` wrote (before anything new arrives), with their policy
+        versions; returns how many."""
+        import pickle
+
+        import ray
+
+        payload = pickle.loads(Path(path).read_bytes())
+        async with self._changed:
+            for records, num_records, version, num_tokens in payload:
+                self.buffer.put([ray.put(r) for r in records], num_records, version, num_tokens=num_tokens)
+            self._changed.notify_all()
+        return len(payload)

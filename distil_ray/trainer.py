@@ -48,6 +48,34 @@ from distil_ray.telemetry.reduce import reduce_metrics
 log = logging.getLogger("distil_ray.trainer")
 
 CHECKPOINTS = "checkpoints"
+REPLAY_FILE = "replay.pkl"  # the groups generated ahead of the learner, in a checkpoint
+
+
+def _checkpoint_step(path: Path) -> int:
+    """The step a checkpoint directory holds (its name, ``step_000040``)."""
+    try:
+        return int(path.name.rsplit("_", 1)[-1])
+    except ValueError:
+        from distil_ray.config import ConfigError
+
+        raise ConfigError(f"trainer.resume={str(path)!r}: not a checkpoint directory (step_NNNNNN)") from None
+
+
+class RunStopped(RuntimeError):
+    """The run cannot go on (an actor stopped answering, too many non-finite steps): the message
+    is the whole story, one line naming what failed and what to do."""
+
+
+def wait_all(refs: list, timeout_s: float, what: str, holder=None) -> None:
+    """Wait for every ref (not fetching them); past ``timeout_s`` stop the run naming ``what`` and,
+    where ``holder(ref)`` can tell, the actors still holding the late ones."""
+    if not refs:
+        return
+    _, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout_s, fetch_local=False)
+    if pending:
+        who = sorted({h for h in map(holder, pending) if h}) if holder is not None else []
+        raise RunStopped(f"{what}: {len(pending)} of {len(refs)} not done within {timeout_s:g} s "
+                         f"(trainer.actor_timeout_s)" + (f"; still waiting on {', '.join(who)}" if who else ""))
 
 
 @ray.remote(num_cpus=0)
@@ -90,9 +118,20 @@ class Trainer:
         self._rounds: list[Future] = []  # data rounds in flight, oldest first
         self._rounds_started = 0
         self._owns_ray = False
+        self._bad_steps = 0  # consecutive steps whose every update was skipped
+        self._skipped_total = 0.0
+        self._checkpointed_step: int | None = None
+        self.timeout_s = float(cfg.trainer.actor_timeout_s)
 
     # ------------------------------------------------------------------ the algorithm
     def fit(self) -> dict[str, Any]:
+        try:
+            return self._fit()
+        except BaseException:
+            self.abort()
+            raise
+
+    def _fit(self) -> dict[str, Any]:
         cfg = self.cfg
         self.setup()
         if self.step == 0 and cfg.trainer.eval_at_start:
@@ -102,6 +141,8 @@ class Trainer:
             metrics, stage_seconds = self.train_step()
             if self.step % cfg.logging.console_every == 0 or self.step == cfg.trainer.total_steps:
                 progress.print(self.step, metrics, stage_seconds)
+            if self.step == cfg.trainer.total_steps:
+                self.checkpoint()  # first: a failing final evaluation must not lose the trained weights
             if cfg.trainer.eval_every and self.step % cfg.trainer.eval_every == 0:
                 self.evaluate()
             if cfg.trainer.checkpoint_every and self.step % cfg.trainer.checkpoint_every == 0:
@@ -113,10 +154,13 @@ class Trainer:
     def setup(self) -> None:
         self._t_start = time.perf_counter()
         clock = StageClock()
-        clock.timed("ray_start", self.start_ray)
+        # the model and the data first: a missing model or a bad record fails before Ray starts
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.start_logging()
         self.task = self.cfg.task.build()
         model_dir = clock.timed("model", self.prepare_model)  # incl. a warm start that is not cached yet
         clock.timed("data", self.load_prompts, model_dir)
+        clock.timed("ray_start", self.start_ray)
         clock.timed("actors", self.start_actors, model_dir)
         clock.timed("resume", self.maybe_resume)
         self.startup_s = clock.total()
@@ -136,11 +180,19 @@ class Trainer:
 
         batch = clock.timed("queue", self.take_batch)
         train_metrics = clock.timed("learner", self.update_policy, batch)
-        self.version += 1
         self.step += 1
-        clock.timed("sync", self.weight_sync.push, self.version)
+        if train_metrics["learner/skipped_updates"] < 1.0:
+            self._bad_steps = 0
+            self.version += 1
+            clock.timed("sync", self.weight_sync.push, self.version)
+        else:  # every update was skipped (non-finite loss or gradient): the weights did not change
+            self._bad_steps += 1
+            log.warning("step %d: non-finite loss %.4g or gradient norm %.4g, update skipped (%d in a row)",
+                        self.step, train_metrics["loss"], train_metrics["grad_norm"], self._bad_steps)
+        self._skipped_total += train_metrics["learner/skipped_updates"] * train_metrics["learner/updates"]
 
-        metrics = {**train_metrics, **ray.get(self.replay.stats.remote())}
+        metrics = {**train_metrics, **ray.get(self.replay.stats.remote(), timeout=self.timeout_s)}
+        metrics["learner/skipped_updates_total"] = float(self._skipped_total)
         metrics["policy_version"] = float(self.version)
         metrics["replay/version_lag"] = float(self._last_lag)
         metrics.update({f"time/{stage}_s": s for stage, s in clock.seconds.items()})
@@ -148,10 +200,16 @@ class Trainer:
         metrics["time/overhead_s"] = max(0.0, clock.total() - sum(clock.seconds.values()))
         self.metrics.log(self.step, metrics)
         self.dashboard.record(metrics)
+        if self._bad_steps >= self.cfg.trainer.max_bad_steps:
+            raise RunStopped(
+                f"{self._bad_steps} steps in a row with a non-finite loss or gradient norm (trainer.max_bad_steps="
+                f"{self.cfg.trainer.max_bad_steps}; last loss {metrics['loss']:.4g}, grad_norm {metrics['grad_norm']:.4g}): "
+                f"their updates were skipped; lower learner.lr or check the data, then resume from {self._latest_checkpoint()}")
         return metrics, dict(clock.seconds)
 
     def finish(self) -> dict[str, Any]:
-        self.checkpoint()
+        if self._checkpointed_step != self.step:
+            self.checkpoint()
         if self.cfg.trainer.save_hf_at_end:
             self.learner.save_hf(str(self.run_dir / "hf_model"))
         summary = {
@@ -166,34 +224,47 @@ class Trainer:
         return summary
 
     # ------------------------------------------------------------------ set-up
-    def start_ray(self) -> None:
+    def start_logging(self) -> None:
         cfg = self.cfg
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._owns_ray = not ray.is_initialized()
-        if self._owns_ray:
-            ray.init(
-                address=cfg.ray.address,
-                num_cpus=cfg.ray.num_cpus if cfg.ray.address is None else None,
-                include_dashboard=cfg.ray.include_dashboard,
-                namespace=cfg.ray.namespace,
-                log_to_driver=False,
-            )
-        self._check_cluster_cpus()
-        self._link_actor_logs()
-        self.dashboard = DashboardMetrics(run=self.run_dir.name)
+        # a resumed run continues the stopped run's file from its checkpoint: what that run logged
+        # after it (steps it then lost) is dropped, so every step appears once
+        path = self.resume_path()
+        self._start_step = _checkpoint_step(path) if path is not None else 0
         self.metrics = MetricsLogger(
             self.run_dir,
+            rewind_to=self._start_step if path is not None else None,
             wandb=cfg.logging.wandb,
             project=cfg.logging.wandb_project,
             mode=cfg.logging.wandb_mode,
             config=cfg,
         )
 
-    def _check_cluster_cpus(self) -> None:
-        from distil_ray.config import check_cpu_budget
+    def start_ray(self) -> None:
+        cfg = self.cfg
+        self._owns_ray = not ray.is_initialized()
+        if self._owns_ray:
+            # ray.address, else RAY_ADDRESS (what `ray job submit` sets), else a fresh local cluster
+            # of this run's own: never whichever local cluster happened to start last
+            address = cfg.ray.address or os.environ.get("RAY_ADDRESS") or "local"
+            ray.init(
+                address=address,
+                num_cpus=cfg.ray.num_cpus if address == "local" else None,
+                include_dashboard=cfg.ray.include_dashboard,
+                namespace=cfg.ray.namespace,
+                log_to_driver=False,
+            )
+        self._check_cluster_resources()
+        self._link_actor_logs()
+        self.dashboard = DashboardMetrics(run=self.run_dir.name)
 
-        available = ray.cluster_resources().get("CPU", 0.0)
-        check_cpu_budget(self.cfg, available, f"the cluster has {available:g} CPUs")
+    def _check_cluster_resources(self) -> None:
+        """Actors that do not fit would wait for resources forever: fail first, in one line."""
+        from distil_ray.config import check_cpu_budget, check_gpu_budget
+
+        resources = ray.cluster_resources()
+        cpus, gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
+        check_cpu_budget(self.cfg, cpus, f"the cluster has {cpus:g} CPUs")
+        check_gpu_budget(self.cfg, gpus, f"the cluster has {gpus:g} GPUs")
 
     def _link_actor_logs(self) -> None:
         """Every actor's stdout/stderr lives in Ray's session log dir; link it from the run dir."""
@@ -210,6 +281,7 @@ class Trainer:
         task's supervised warm start (both built once and cached by their config)."""
         cfg = self.cfg
         if cfg.model.path is not None:
+            check_model_path(str(cfg.model.path))
             return str(cfg.model.path)
         from distil_ray.models.tiny import tiny_model_dir
 
@@ -233,7 +305,14 @@ class Trainer:
         cfg = self.cfg
         tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or model_dir, local_files_only=cfg.model.path is None)
         task = self.task
-        train, val = task.load(cfg.task.train_split), task.load(cfg.task.val_split)
+        from distil_ray.config import ConfigError
+        from distil_ray.tasks.prompts import check_examples
+
+        try:
+            train = check_examples(task.load(cfg.task.train_split), f"task.train_split={cfg.task.train_split!r}")
+            val = check_examples(task.load(cfg.task.val_split), f"task.val_split={cfg.task.val_split!r}")
+        except (ValueError, FileNotFoundError) as e:  # DataFormatError names the file and the line
+            raise ConfigError(f"task {cfg.task.name!r}: {e}") from None
         if cfg.eval.max_prompts is not None:
             val = val[: cfg.eval.max_prompts]
         self.train_prompts = self._within_length(to_prompts(train, tokenizer), "train")
@@ -254,7 +333,7 @@ class Trainer:
         if len(kept) < len(prompts):
             log.warning("%d of %d %s prompts are longer than %s=%d and are left out",
                         len(prompts) - len(kept), len(prompts), split, key, limit)
-        self.metrics.log(0, {f"data/{split}_prompts_too_long": float(len(prompts) - len(kept))})
+        self.metrics.log(self._start_step, {f"data/{split}_prompts_too_long": float(len(prompts) - len(kept))})
         return kept
 
     def start_actors(self, model_dir: str) -> None:
@@ -307,7 +386,10 @@ class Trainer:
             if chunk
         ]
         while streams:
-            ready, _ = ray.wait(streams, num_returns=1)
+            ready, _ = ray.wait(streams, num_returns=1, timeout=self.timeout_s)
+            if not ready:
+                raise RunStopped(f"rollout workers: no sample from {len(streams)} of them within {self.timeout_s:g} s "
+                                 "(trainer.actor_timeout_s)")
             stream = ready[0]
             try:
                 header_ref = next(stream)
@@ -341,11 +423,16 @@ class Trainer:
                     ref = _gather_group.remote(*groups[uid])
                 scored.append((ref, group_tokens[uid]))
         t_rollout = time.perf_counter()
-        ray.wait(graded_all, num_returns=len(graded_all), fetch_local=False)
+        wait_all(graded_all, self.timeout_s, "grading", holder=self.feedback.holder)
         t_feedback = time.perf_counter()
-        ray.wait([ref for ref, _ in scored], num_returns=len(scored), fetch_local=False)
+        wait_all([ref for ref, _ in scored], self.timeout_s, "teacher" if self.teacher is not None else "grouping")
         t_teacher = time.perf_counter()
-        ray.get([self.replay.put.remote([ref], sampling.n, version, num_tokens=tokens) for ref, tokens in scored])
+        puts = [self.replay.put.remote([ref], sampling.n, version, self.timeout_s, num_tokens=tokens)
+                for ref, tokens in scored]
+        wait_all(puts, self.timeout_s + 60.0, "replay queue")
+        if not all(ray.get(puts)):
+            raise RunStopped(f"replay queue: full for {self.timeout_s:g} s (trainer.actor_timeout_s); "
+                             "is replay.capacity below what max_staleness needs?")
         return {
             "rollout": t_rollout - t0,
             "feedback": t_feedback - t_rollout,
@@ -355,9 +442,12 @@ class Trainer:
 
     def take_batch(self) -> tuple[list[ray.ObjectRef], list[int]]:
         """One ref per prompt group, and each group's token count."""
-        refs, versions, tokens = ray.get(self.replay.get.remote(self.cfg.trainer.prompts_per_step, self.version))
+        refs, versions, tokens = ray.get(
+            self.replay.get.remote(self.cfg.trainer.prompts_per_step, self.version, self.timeout_s),
+            timeout=self.timeout_s + 60.0)
         if not refs:
-            raise RuntimeError("the replay queue served no data: every group was too stale")
+            raise RunStopped(f"the replay queue served no data within {self.timeout_s:g} s: every group was too stale "
+                             "or none arrived")
         assert len(refs) == len(tokens), "one ref per group: the producer puts each group under one ref"
         # how many policy versions behind the learner the batch was sampled (0 when on-policy)
         self._last_lag = sum(self.version - v for v in versions) / len(versions)
@@ -368,7 +458,8 @@ class Trainer:
         spread over the learner ranks by token count."""
         refs, tokens = batch
         k = self.cfg.learner.updates_per_batch
-        out = reduce_metrics(self.learner.train_step(refs[i::k], sizes=tokens[i::k]) for i in range(k))
+        out = reduce_metrics(self.learner.train_step(refs[i::k], sizes=tokens[i::k], timeout_s=self.timeout_s)
+                             for i in range(k))
         out["learner/updates"] = float(k)
         return out
 
@@ -380,6 +471,8 @@ class Trainer:
         graded_refs: dict[str, list[ray.ObjectRef]] = defaultdict(list)
         for uid, _, rollout_ref in self.stream_rollouts(prompts, sampling, self.version):
             graded_refs[uid].append(self.feedback.grade_ref(self.prompt_refs[uid], rollout_ref))
+        wait_all([r for refs in graded_refs.values() for r in refs], self.timeout_s, "grading (evaluation)",
+                 holder=self.feedback.holder)
         grades = []
         for p in prompts:
             group = sorted(ray.get(graded_refs[p.uid]), key=lambda g: g.sample_index)
@@ -405,50 +498,121 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
         """What the driver itself must restore for an exact resume (the learners and engines keep
-        the rest): counters, the data position and the best evaluation so far."""
+        the rest): counters, the data position, the best evaluation so far, and how many rounds
+        were generated ahead of the learner (their groups are saved beside, see checkpoint)."""
         return {"step": self.step, "version": self.version, "data": self.stream.state(), "best": dict(self.best),
-                "rounds_started": self._rounds_started}
+                "rounds_started": self._rounds_started, "rounds_in_flight": len(self._rounds),
+                "bad_steps": self._bad_steps, "skipped_updates": self._skipped_total}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step, self.version = int(state["step"]), int(state["version"])
         self.stream.load_state(state["data"])
         self.best = dict(state.get("best", {}))
         self._rounds_started = int(state.get("rounds_started", self.step))
+        self._bad_steps = int(state.get("bad_steps", 0))
+        self._skipped_total = float(state.get("skipped_updates", 0.0))
 
     def checkpoint(self) -> None:
+        """The learners' state, the driver's, and the rounds generated ahead of the learner: with
+        ``max_staleness > 0`` those were sampled by weights no checkpoint holds, so their groups
+        are saved as they are (``replay.pkl``) and queued again on resume, with their versions."""
         path = self.run_dir / CHECKPOINTS / f"step_{self.step:06d}"
         t0 = time.perf_counter()
+        for round_ in self._rounds:  # finish what is in flight: its groups go into the queue
+            round_.result(timeout=4 * self.timeout_s)
         self.learner.save_checkpoint(str(path), self.state_dict())  # with the EMA teacher's average
+        ray.get(self.replay.save.remote(str(path / REPLAY_FILE)), timeout=self.timeout_s)
         (path.parent / "latest").write_text(path.name)
+        self._checkpointed_step = self.step
         self.metrics.log(self.step, {"time/checkpoint_s": time.perf_counter() - t0})
 
-    def maybe_resume(self) -> None:
+    def _latest_checkpoint(self) -> str:
+        latest = self.run_dir / CHECKPOINTS / "latest"
+        return str(latest.parent / latest.read_text().strip()) if latest.exists() else "the start (no checkpoint yet)"
+
+    def resume_path(self) -> Path | None:
+        """The checkpoint ``trainer.resume`` names (``auto``: the run dir's latest), or None."""
         resume = self.cfg.trainer.resume
         if resume == "never":
-            return
+            return None
         if resume == "auto":
             latest = self.run_dir / CHECKPOINTS / "latest"
             if not latest.exists():
+                return None
+            return latest.parent / latest.read_text().strip()
+        return Path(resume)
+
+    def maybe_resume(self) -> None:
+        path = self.resume_path()
+        if path is None:
+            if self.cfg.trainer.resume == "auto":
                 log.info("trainer.resume=auto: no checkpoint in %s, starting fresh", self.run_dir)
-                return
-            path = latest.parent / latest.read_text().strip()
-        else:
-            path = Path(resume)
-        self.load_state_dict(self.learner.load_checkpoint(str(path)))
+            return
+        state = self.learner.load_checkpoint(str(path))
+        self.load_state_dict(state)
         self.weight_sync.restore(self.version, path)
+        # the rounds that were ahead of the learner: their saved groups, each round a finished future
+        in_flight = int(state.get("rounds_in_flight", 0))
+        if in_flight:
+            ray.get(self.replay.load.remote(str(path / REPLAY_FILE)), timeout=self.timeout_s)
+            for _ in range(in_flight):
+                done: Future = Future()
+                done.set_result({})
+                self._rounds.append(done)
+        self._checkpointed_step = self.step
         print(f"resumed from {path} at step {self.step}", flush=True)
 
-    def shutdown(self) -> None:
-        if self._producer is not None:
-            self._producer.shutdown(wait=True)
-        self.metrics.close()
+    def abort(self) -> None:
+        """After a failure: stop every actor this run started (what it checkpointed stays), so a
+        caller sharing the cluster is not left with them; errors here must not hide the first."""
         try:
-            self.weight_sync.close()
-        except Exception as e:  # noqa: BLE001 - a dead engine must not keep the other actors alive
-            log.warning("closing the weight sync failed (%s); shutting the actors down anyway", e)
-        self.learner.shutdown()
-        self.feedback.shutdown()
-        for actor in self.rollout_workers + ([self.teacher] if self.teacher is not None else []) + [self.replay]:
-            ray.kill(actor)
-        if self._owns_ray:  # a multirun's next job starts a clean cluster
+            self.shutdown()
+        except Exception as e:  # noqa: BLE001
+            log.warning("cleaning up after the failure failed too: %s", e)
+
+    def shutdown(self) -> None:
+        """Stop the producer and every actor (whichever of them were started)."""
+        if self._producer is not None:
+            self._producer.shutdown(wait=True, cancel_futures=True)
+            self._producer = None
+        if getattr(self, "metrics", None) is not None:
+            self.metrics.close()
+        if getattr(self, "weight_sync", None) is not None:
+            try:
+                self.weight_sync.close()
+            except Exception as e:  # noqa: BLE001 - a dead engine must not keep the other actors alive
+                log.warning("closing the weight sync failed (%s); shutting the actors down anyway", e)
+            self.weight_sync = None
+        if getattr(self, "learner", None) is not None:
+            self.learner.shutdown()
+            self.learner = None
+        if getattr(self, "feedback", None) is not None:
+            self.feedback.shutdown()
+            self.feedback = None
+        actors = list(getattr(self, "rollout_workers", [])) + [getattr(self, "teacher", None), getattr(self, "replay", None)]
+        for actor in actors:
+            if actor is not None:
+                ray.kill(actor)
+        self.rollout_workers, self.teacher, self.replay = [], None, None
+        if self._owns_ray and ray.is_initialized():  # a multirun's next job starts a clean cluster
             ray.shutdown()
+
+
+def check_model_path(path: str) -> None:
+    """``model.path`` must be a model directory or a model id the Hugging Face hub (or its local
+    cache) knows: a bad path fails here, in one line, before Ray or any actor starts."""
+    from distil_ray.config import ConfigError
+
+    local = Path(path).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise ConfigError(f"model.path={path!r}: the directory has no config.json (not a Hugging Face model)")
+        return
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"model.path={path!r}: neither a local directory nor a model the Hugging Face hub or its "
+                          f"cache has ({reason})") from None

@@ -158,6 +158,9 @@ class HFEngine:
                 pad_token_id=self.pad_id,
                 output_scores=True,
                 return_dict_in_generate=True,
+                # diverged weights give NaN/inf logits: sample anyway (as vLLM does) and let the
+                # learner's guard on the loss stop the run, rather than crash in torch.multinomial
+                remove_invalid_values=True,
                 **kwargs,
             )
         generated = out.sequences[:, width:]

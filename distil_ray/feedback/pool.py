@@ -24,6 +24,11 @@ class Grader:
     """Grades rollouts of one task into ``Graded`` records; ``cfg``: the ``task`` section."""
 
     def __init__(self, cfg: TaskConfig):
+        from distil_ray.feedback.sandbox import sweep_leftovers
+
+        # a grader killed mid-run (this one's previous incarnation, or another run's) leaves its
+        # sandbox directories and cgroups: the next one on the node removes them
+        sweep_leftovers()
         self.task = cfg.build()
 
     def grade(self, example: TaskExample | Prompt, rollout: Rollout) -> Graded:
@@ -54,6 +59,7 @@ class FeedbackPool:
         section (how many actors, their CPU share)."""
         cfg.check()
         actor = ray.remote(num_cpus=cfg.num_cpus)(Grader)
+        self.name = name
         self.workers = [actor.options(name=f"{name}-{i}").remote(task) for i in range(cfg.num_workers)]
         self._pool = ActorPool(self.workers)
         self._in_flight: list[list[ray.ObjectRef]] = [[] for _ in self.workers]
@@ -74,6 +80,15 @@ class FeedbackPool:
             ref = self.workers[index].grade.remote(example, rollout)
             self._in_flight[index].append(ref)
             return ref
+
+    def holder(self, ref: ray.ObjectRef) -> str | None:
+        """The name of the grader actor a ``grade_ref`` result is still waiting on (None if done
+        or unknown): what a deadline names."""
+        with self._lock:
+            for i, refs in enumerate(self._in_flight):
+                if ref in refs:
+                    return f"{self.name}-{i}"
+        return None
 
     def submit(self, example: TaskExample | ray.ObjectRef, rollout: Rollout | ray.ObjectRef) -> None:
         """Queue one rollout for grading; it starts as soon as an actor is free.

@@ -139,13 +139,13 @@ class LearnerGroup:
             raise TimeoutError(f"learner ranks: {method} did not finish within {timeout_s:.0f} s") from None
 
     def train_step(self, records: Sequence[Scored] | Sequence[ray.ObjectRef], *,
-                   sizes: Sequence[int] | None = None) -> dict:
+                   sizes: Sequence[int] | None = None, timeout_s: float | None = None) -> dict:
         """One optimizer step on ``records``; returns the metrics (global, identical on every rank).
 
         Records are split so that a prompt's records share a rank, balanced by tokens. ObjectRefs
         are not fetched here: each ref is kept whole on one rank, so a ref must hold a whole prompt
         group (a list of records); ``sizes`` (token count per ref) balance the ranks, else each ref
-        counts as one.
+        counts as one. ``timeout_s``: the deadline, past which the late ranks are named.
         """
         records = list(records)
         if records and all(isinstance(r, Scored) for r in records):
@@ -156,7 +156,14 @@ class LearnerGroup:
             keys = [str(i) for i in range(len(records))]
             shards = [[records[i] for i in idx] for idx in balanced_split(keys, list(sizes), self.world_size)]
         # A list argument is not resolved by Ray: the refs reach the rank as refs.
-        return ray.get([a.train_step.remote(shard) for a, shard in zip(self.actors, shards)])[0]
+        refs = [a.train_step.remote(shard) for a, shard in zip(self.actors, shards)]
+        try:
+            return ray.get(refs, timeout=timeout_s)[0]
+        except ray.exceptions.GetTimeoutError:
+            _, late = ray.wait(refs, num_returns=len(refs), timeout=0)
+            names = [f"{self.name}-{refs.index(r)}" for r in late]
+            raise TimeoutError(f"learner ranks: train_step did not finish within {timeout_s:g} s "
+                               f"(trainer.actor_timeout_s); still waiting on {', '.join(names)}") from None
 
     def score_teacher(self, records: Sequence[Scored], at_ids: Sequence | None = None) -> list[Scored]:
         """``LearnerWorker.score_teacher`` over the ranks (``teacher.backend=learner``): record i on

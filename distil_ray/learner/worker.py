@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 import os
 import pickle
 import random
@@ -306,15 +307,20 @@ class LearnerWorker:
             (loss * self.world_size).backward()
             loss_sum += float(loss.detach())
 
-        grad_norm = self._clip_gradients()
-        lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
-
         loss_total = torch.tensor([loss_sum], dtype=torch.float64)
         dist.all_reduce(loss_total)
+        grad_norm = self._clip_gradients()
+        lr = self.scheduler.get_last_lr()[0]
+        # A non-finite loss or gradient norm (both global: every rank decides alike) skips the
+        # update: no optimizer or scheduler step, the weights stay as they were.
+        skipped = not (math.isfinite(float(loss_total[0])) and math.isfinite(grad_norm))
+        if not skipped:
+            self.optimizer.step()
+            self.scheduler.step()
+            self.step += 1
+            self._check_finite_weights()
+        self.optimizer.zero_grad(set_to_none=True)
+
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # the optimizer's kernels are part of the step's time
         slowest = torch.tensor([time.perf_counter() - t0, peak_memory_mb(self.device)], dtype=torch.float64)
@@ -326,6 +332,7 @@ class LearnerWorker:
         out = {"loss": float(loss_total[0]), "grad_norm": grad_norm, "lr": float(lr),
                "num_tokens": global_tokens, "num_sequences": global_seqs,
                "num_micro_batches": float(n_micro), "time_s": elapsed,
+               "learner/skipped_updates": float(skipped),
                "learner/peak_memory_mb": float(slowest[1]),
                # left padding: positions computed that hold no token
                "learner/padding_fraction": 1.0 - real_tokens / positions if positions else 0.0,
@@ -439,6 +446,22 @@ class LearnerWorker:
         out = response_logprobs(policy, ids, torch.ones_like(ids), mask,
                                 temperature=self.temperature, chunk_size=self.cfg.logprob_chunk_size)
         return out.token_logprobs.sum() * 0.0
+
+    def _check_finite_weights(self) -> None:
+        """Fail the step (every rank) if an update left a non-finite weight: such weights must
+        never reach an engine, a checkpoint or a saved model."""
+        bad = torch.tensor([0], dtype=torch.long)
+        with torch.no_grad():
+            for name, p in self.model.named_parameters():
+                local = _local(p.detach())
+                if local.numel() and not bool(torch.isfinite(local).all()):
+                    bad[0] = 1
+                    break
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        if int(bad):
+            raise FloatingPointError(
+                f"learner: update {self.step} left non-finite weights (learner.lr={self.cfg.lr:g}); "
+                "nothing was synced or saved from it: lower learner.lr and resume from the last checkpoint")
 
     def _clip_gradients(self) -> float:
         from torch.distributed.tensor import DTensor

@@ -11,6 +11,22 @@ from distil_ray.records import Prompt
 from distil_ray.tasks.base import TaskExample
 
 
+def check_examples(examples: Sequence[TaskExample], split: str) -> list[TaskExample]:
+    """The examples of one split, refused when they cannot be trained or evaluated on: an empty
+    split, or two examples with one uid (the driver routes every sample to its prompt by uid, so
+    two would be graded against each other's answers and their groups merged)."""
+    examples = list(examples)
+    if not examples:
+        raise ValueError(f"{split}: the split has no examples")
+    first: dict[str, int] = {}
+    for i, ex in enumerate(examples):
+        if ex.uid in first:
+            raise ValueError(f"{split}: examples {first[ex.uid]} and {i} share the uid {ex.uid!r}; "
+                             "every example needs its own (e.g. a unique 'idx' per record)")
+        first[ex.uid] = i
+    return examples
+
+
 def to_prompts(examples: Sequence[TaskExample], tokenizer) -> list[Prompt]:
     """Chat-template each example once; the token ids travel from here on, never the text."""
     prompts = []

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import math
 import numbers
 from collections.abc import Mapping
@@ -75,10 +76,12 @@ class MetricsLogger:
     """
 
     def __init__(self, run_dir, *, wandb: bool = False, project: str = "distil_ray", mode: str = "offline",
-                 config: Mapping[str, Any] | None = None):
+                 config: Mapping[str, Any] | None = None, rewind_to: int | None = None):
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.run_dir / METRICS_FILE
+        if rewind_to is not None and self.path.is_file():
+            self._rewind(int(rewind_to))
         # Append: a resumed run continues the same file.
         self._file = open(self.path, "a", encoding="utf-8")
         self._skipped: set[str] = set()
@@ -94,6 +97,21 @@ class MetricsLogger:
             return None
         return wandb_lib.init(project=project, mode=mode, config=config, dir=str(self.run_dir),
                               name=self.run_dir.name, resume="allow")
+
+    def _rewind(self, step: int) -> None:
+        """Drop the lines logged after ``step`` (a run resumed from that step's checkpoint redoes
+        them); the file is replaced whole, so a crash here leaves the old one."""
+        kept = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                if int(json.loads(line).get("step", 0)) > step:
+                    continue
+            except (ValueError, AttributeError):
+                continue  # a torn last line of a killed run
+            kept.append(line)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        os.replace(tmp, self.path)
 
     def log(self, step: int, metrics: Mapping[str, Any]) -> dict[str, float]:
         """Write one line; returns the float values that were written (non-numbers dropped)."""

@@ -215,10 +215,25 @@ def test_malformed_line_names_file_and_line(tmp_path):
     good = read(SKE / "chemistry" / "test.jsonl")[0]
     (tmp_path / "chemistry").mkdir()
     path = tmp_path / "chemistry" / "test.jsonl"
-    path.write_text(json.dumps(good) + "\n" + json.dumps(good) + "\n" + '{"prompt": "broken' + "\n", encoding="utf-8")
+    other = dict(good, idx=f"{good['idx']}-other")
+    path.write_text(json.dumps(good) + "\n" + json.dumps(other) + "\n" + '{"prompt": "broken' + "\n", encoding="utf-8")
     with pytest.raises(DataFormatError) as err:
         SciKnowEvalTask(SciKnowEvalConfig(domains="chemistry", data_dir=tmp_path)).load("test")
     assert err.value.line == 3 and f"{path}:3:" in str(err.value)
+
+    # two records with one idx would share a uid: one graded against the other's answer
+    path.write_text(json.dumps(good) + "\n" + json.dumps(dict(good, answer="A" if good["answer"] != "A" else "B")) + "\n",
+                    encoding="utf-8")
+    with pytest.raises(DataFormatError, match=rf"test\.jsonl:2: idx {good['idx']!r} is already used on line 1"):
+        SciKnowEvalTask(SciKnowEvalConfig(domains="chemistry", data_dir=tmp_path)).load("test")
+    # an answer no option carries could never be graded correct
+    for bad in ("Z", good["answer"].lower()):
+        path.write_text(json.dumps(dict(good, answer=bad)) + "\n", encoding="utf-8")
+        with pytest.raises(DataFormatError, match=rf"test\.jsonl:1: answer '{bad}' is not one of the options A, B"):
+            SciKnowEvalTask(SciKnowEvalConfig(domains="chemistry", data_dir=tmp_path)).load("test")
+    path.write_text("", encoding="utf-8")
+    with pytest.raises(DataFormatError, match="no records"):
+        SciKnowEvalTask(SciKnowEvalConfig(domains="chemistry", data_dir=tmp_path)).load("test")
 
     path.write_text(json.dumps({k: v for k, v in good.items() if k != "answer"}) + "\n", encoding="utf-8")
     with pytest.raises(DataFormatError, match=r"test\.jsonl:1: missing field\(s\) answer"):

@@ -148,6 +148,7 @@ from .results import ISOLATION_MODES as ISOLATION_MODES
 from .results import STATUSES as STATUSES
 from .results import SandboxResult, SandboxUnavailable
 from .runner import Sandbox, bwrap_status, run_python
+from .sweep import sweep_leftovers
 
 __all__ = [
     "run_python",
@@ -158,4 +159,5 @@ __all__ = [
     "SandboxUnavailable",
     "bwrap_status",
     "split_sandbox_options",
+    "sweep_leftovers",
 ]

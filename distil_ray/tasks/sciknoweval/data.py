@@ -134,13 +134,23 @@ def read_processed(data_dir: Path, domain: str, split: str) -> list[dict[str, An
             f"SciKnowEval file not found: {data_dir / domain / split}.jsonl (or .parquet)"
         )
     out = []
+    seen: dict[Any, int] = {}
     for line_no, rec in iter_records(path):
         missing = [k for k in ("prompt", "answer", "idx") if k not in rec]
         if missing:
             raise DataFormatError(path, line_no, f"missing field(s) {', '.join(missing)}")
         if not isinstance(rec["prompt"], str) or not isinstance(rec["answer"], str) or not rec["answer"].strip():
             raise DataFormatError(path, line_no, "'prompt' and 'answer' must be non-empty strings")
+        labels = list(rec.get("labels") or _option_labels(rec["prompt"]))
+        if rec["answer"].strip() not in labels:
+            # the grader compares the extracted letter exactly: such a record could never be answered
+            raise DataFormatError(path, line_no, f"answer {rec['answer']!r} is not one of the options {', '.join(labels)}")
+        if rec["idx"] in seen:
+            raise DataFormatError(path, line_no, f"idx {rec['idx']!r} is already used on line {seen[rec['idx']]}")
+        seen[rec["idx"]] = line_no
         out.append(rec)
+    if not out:
+        raise DataFormatError(path, 1, "the file has no records")
     return out
 
 
