@@ -585,10 +585,14 @@ class TrainerConfig(Section):
     # this many steps in a row whose every update had a non-finite loss or gradient norm (each
     # skipped: no optimizer step, no sync) end the run
     max_bad_steps: int = 3
+    # how often Ray restarts a rollout worker, grader or teacher whose process died; the work it
+    # held is resubmitted and a restarted engine gets the current weights (0: a dead actor ends the run)
+    max_actor_restarts: int = 3
 
     def check_values(self) -> None:
         self.positive("actor_timeout_s")
         self.at_least("max_bad_steps", 1)
+        self.at_least("max_actor_restarts", 0)
         self.at_least("total_steps", 1)
         self.at_least("prompts_per_step", 1)
         self.at_least("eval_every", 0)

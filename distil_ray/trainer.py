@@ -22,6 +22,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import time
 from collections import defaultdict
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -31,6 +32,7 @@ from typing import Any
 import ray
 
 from distil_ray.engines import SamplingConfig
+from distil_ray.engines.base import EngineRestarted
 from distil_ray.evaluation.metrics import aggregate_grades
 from distil_ray.feedback.pool import FeedbackPool
 from distil_ray.learner.group import LearnerGroup
@@ -38,6 +40,7 @@ from distil_ray.learner.transfer import vllm_backend
 from distil_ray.learner.weight_sync import WeightSync
 from distil_ray.records import Graded, Prompt, Scored
 from distil_ray.replay import ReplayQueue
+from distil_ray.restarts import call_when_alive
 from distil_ray.rollout.worker import RolloutWorker
 from distil_ray.tasks.prompts import PromptStream, to_prompts
 from distil_ray.teacher.actor import TeacherActor
@@ -59,6 +62,21 @@ def _checkpoint_step(path: Path) -> int:
         from distil_ray.config import ConfigError
 
         raise ConfigError(f"trainer.resume={str(path)!r}: not a checkpoint directory (step_NNNNNN)") from None
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _dead_actor(error: BaseException) -> str:
+    """'actor learner-1 (LearnerActor, pid 4949) died', from the fields Ray puts in the message."""
+    text = str(error)
+    fields = dict(re.findall(r"^\s*(name|class_name|pid): (\S+)\s*$", text, flags=re.M))
+    if "name" not in fields:
+        return _first_line(error)
+    what = ", ".join(x for x in (fields.get("class_name"), f"pid {fields['pid']}" if "pid" in fields else None) if x)
+    return f"actor {fields['name']}" + (f" ({what})" if what else "") + " died"
 
 
 class RunStopped(RuntimeError):
@@ -122,11 +140,17 @@ class Trainer:
         self._skipped_total = 0.0
         self._checkpointed_step: int | None = None
         self.timeout_s = float(cfg.trainer.actor_timeout_s)
+        # actors Ray restarted and the work given again because of them (logged as faults/*)
+        self.faults: dict[str, int] = defaultdict(int)
 
     # ------------------------------------------------------------------ the algorithm
     def fit(self) -> dict[str, Any]:
         try:
             return self._fit()
+        except ray.exceptions.RayActorError as e:  # a learner rank or the replay queue: not restartable
+            self.abort()
+            raise RunStopped(f"{_dead_actor(e)}: the run cannot go on without it; resume with trainer.resume=auto "
+                             f"(from {self._latest_checkpoint()})") from None
         except BaseException:
             self.abort()
             raise
@@ -193,6 +217,9 @@ class Trainer:
 
         metrics = {**train_metrics, **ray.get(self.replay.stats.remote(), timeout=self.timeout_s)}
         metrics["learner/skipped_updates_total"] = float(self._skipped_total)
+        faults = dict(self.faults)
+        faults["engine_restarts"] = faults.get("engine_restarts", 0) + self.weight_sync.restarted_engines
+        metrics.update({f"faults/{k}": float(v) for k, v in faults.items()})
         metrics["policy_version"] = float(self.version)
         metrics["replay/version_lag"] = float(self._last_lag)
         metrics.update({f"time/{stage}_s": s for stage, s in clock.seconds.items()})
@@ -342,17 +369,21 @@ class Trainer:
         run = {"dtype": cfg.model.dtype, "seed": cfg.seed}
         # weight_sync.backend=collective: the engines that follow the policy open vLLM's weight transfer
         transfer = {"weight_transfer": vllm_backend(cfg.learner.backend)} if cfg.weight_sync.backend == "collective" else {}
-        rollout_actor = ray.remote(num_cpus=cfg.rollout.num_cpus, num_gpus=cfg.rollout.num_gpus)(RolloutWorker)
+        # Ray restarts a rollout worker, grader or teacher that dies; the driver resends the weights
+        # and the work (stream_rollouts, _check_teacher); graders rerun their calls themselves
+        restarts = cfg.trainer.max_actor_restarts
+        rollout_actor = ray.remote(num_cpus=cfg.rollout.num_cpus, num_gpus=cfg.rollout.num_gpus,
+                                   max_restarts=restarts)(RolloutWorker)
         self.rollout_workers = [rollout_actor.options(name=f"rollout-{i}").remote(model_dir, cfg.rollout, **run, **transfer)
                                 for i in range(cfg.rollout.num_workers)]
-        self.feedback = FeedbackPool(cfg.task, cfg.feedback)
+        self.feedback = FeedbackPool(cfg.task, cfg.feedback, max_restarts=restarts)
         self.teacher = None
         on_learner = cfg.teacher.backend == "learner"  # the learner ranks run the teacher's forward
         if self.algorithm.needs_teacher:
             # groups are scored in batches: whatever is queued when the engine is next free; with
             # the teacher on the learner this actor only builds the contexts (no engine, no GPU)
-            teacher_actor = ray.remote(num_cpus=cfg.teacher.num_cpus,
-                                       num_gpus=0 if on_learner else cfg.teacher.num_gpus)(TeacherActor)
+            teacher_actor = ray.remote(num_cpus=cfg.teacher.num_cpus, num_gpus=0 if on_learner else cfg.teacher.num_gpus,
+                                       max_restarts=restarts)(TeacherActor)
             follows = transfer if cfg.teacher.follows_policy else {}  # the policy, or its average
             self.teacher = teacher_actor.options(name="teacher").remote(model_dir, cfg.teacher, **run, **follows)
         self.replay = ray.remote(num_cpus=0)(ReplayQueue).options(name="replay").remote(cfg.replay)
@@ -377,29 +408,77 @@ class Trainer:
         return self._producer.submit(self.produce, prompts, seed)
 
     def stream_rollouts(self, prompts: list[Prompt], sampling: SamplingConfig, version: int):
-        """``(prompt uid, token count, Rollout ref)`` in completion order across all rollout workers."""
+        """``(prompt uid, token count, Rollout ref)`` in completion order across all rollout workers.
+
+        A worker whose actor dies (Ray restarts it) is sent the current weights and its prompts
+        whose groups were not complete are generated again; for each such prompt a
+        ``(uid, 0, None)`` comes first: forget the samples received for it so far."""
         workers = self.rollout_workers
-        chunks = [[p.without_reference() for p in prompts[i :: len(workers)]] for i in range(len(workers))]
-        streams = [
-            w.stream.options(num_returns="streaming").remote(chunk, sampling, version)
-            for w, chunk in zip(workers, chunks)
-            if chunk
-        ]
+        streams: dict = {}  # stream -> (worker index, its prompts, samples received per uid)
+
+        def start(i: int, chunk: list[Prompt]) -> None:
+            stream = workers[i].stream.options(num_returns="streaming").remote(chunk, sampling, version)
+            streams[stream] = (i, chunk, defaultdict(int))
+
+        for i in range(len(workers)):
+            chunk = [p.without_reference() for p in prompts[i :: len(workers)]]
+            if chunk:
+                start(i, chunk)
         while streams:
-            ready, _ = ray.wait(streams, num_returns=1, timeout=self.timeout_s)
+            ready, _ = ray.wait(list(streams), num_returns=1, timeout=self.timeout_s)
             if not ready:
                 raise RunStopped(f"rollout workers: no sample from {len(streams)} of them within {self.timeout_s:g} s "
                                  "(trainer.actor_timeout_s)")
             stream = ready[0]
+            i, chunk, received = streams[stream]
             try:
                 header_ref = next(stream)
+                # each rollout is preceded by a small header naming its prompt and its length: the
+                # driver routes by it and never pulls the record itself
+                uid, num_tokens = ray.get(header_ref)
+                rollout_ref = next(stream)
             except StopIteration:
-                streams.remove(stream)
+                del streams[stream]
                 continue
-            # each rollout is preceded by a small header naming its prompt and its length: the
-            # driver routes by it and never pulls the record itself
-            uid, num_tokens = ray.get(header_ref)
-            yield uid, num_tokens, next(stream)
+            except (ray.exceptions.RayActorError, EngineRestarted) as e:
+                del streams[stream]
+                lost = [p for p in chunk if received[p.uid] < sampling.n]
+                self._restore_engine(workers[i], f"rollout-{i}", e)
+                self.faults["resubmitted_samples"] += len(lost) * sampling.n
+                for p in lost:
+                    yield p.uid, 0, None
+                if lost:
+                    start(i, lost)
+                continue
+            received[uid] += 1
+            yield uid, num_tokens, rollout_ref
+
+    def _restore_engine(self, engine, name: str, error: BaseException) -> None:
+        """``engine``'s actor died (or came back restarted): once Ray has restarted it, send it the
+        weights it should hold; stop the run where that cannot be done."""
+        restarts = self.cfg.trainer.max_actor_restarts
+        if self.cfg.weight_sync.backend == "collective":
+            raise RunStopped(f"{name} died ({_first_line(error)}); weight_sync.backend=collective cannot take a "
+                             f"restarted engine back: resume with trainer.resume=auto from {self._latest_checkpoint()}")
+        try:
+            call_when_alive(engine.version.remote, self.timeout_s)  # waits for the restart
+            self.weight_sync.resend(engine, self.version)
+        except ray.exceptions.GetTimeoutError:
+            raise RunStopped(f"{name} did not come back within {self.timeout_s:g} s (trainer.actor_timeout_s)") from None
+        except ray.exceptions.RayActorError as e:
+            raise RunStopped(f"{name} died and was not restarted (trainer.max_actor_restarts={restarts}): "
+                             f"{_first_line(e)}; resume with trainer.resume=auto from {self._latest_checkpoint()}") from None
+        self.faults["engine_restarts"] += 1
+        log.warning("%s was restarted (%s); it holds policy version %d again", name, _first_line(error), self.version)
+
+    def _score_group(self, uid: str, graded: list) -> tuple[ray.ObjectRef | None, ray.ObjectRef]:
+        """(a small header ref, the group's records ref): the teacher's scores, or (no teacher)
+        the graded records gathered under one ref."""
+        if self.teacher is None:
+            return None, _gather_group.remote(*graded)
+        header, records = self.teacher.score_group_with_header.options(num_returns=2).remote(
+            self.prompt_refs[uid], *graded)
+        return header, records
 
     def produce(self, prompts: list[Prompt], seed: int) -> dict[str, float]:
         """Generate, grade and score one round; the finished groups go into the replay queue.
@@ -409,26 +488,30 @@ class Trainer:
         sampling = self.cfg.rollout_sampling(seed=seed)
         groups: dict[str, list[ray.ObjectRef]] = defaultdict(list)
         group_tokens: dict[str, int] = defaultdict(int)
-        scored: list[tuple[ray.ObjectRef, int]] = []  # one ref per complete group (a list of records), its tokens
+        # per complete group: its uid, graded refs, header ref (None without a teacher), records ref, tokens
+        scored: list[list] = []
         graded_all: list[ray.ObjectRef] = []
         for uid, num_tokens, rollout_ref in self.stream_rollouts(prompts, sampling, version):
+            if rollout_ref is None:  # its worker died: the prompt's samples come again
+                groups.pop(uid, None)
+                group_tokens.pop(uid, None)
+                continue
             graded_ref = self.feedback.grade_ref(self.prompt_refs[uid], rollout_ref)
             graded_all.append(graded_ref)
             groups[uid].append(graded_ref)
             group_tokens[uid] += num_tokens
             if len(groups[uid]) == sampling.n:  # the group is complete: on to the teacher
-                if self.teacher is not None:
-                    ref = self.teacher.score_group.remote(self.prompt_refs[uid], *groups[uid])
-                else:  # no teacher (grpo, sft): the group's graded records, gathered under one ref
-                    ref = _gather_group.remote(*groups[uid])
-                scored.append((ref, group_tokens[uid]))
+                scored.append([uid, groups[uid], *self._score_group(uid, groups[uid]), group_tokens[uid]])
         t_rollout = time.perf_counter()
         wait_all(graded_all, self.timeout_s, "grading", holder=self.feedback.holder)
         t_feedback = time.perf_counter()
-        wait_all([ref for ref, _ in scored], self.timeout_s, "teacher" if self.teacher is not None else "grouping")
+        wait_all([records for _, _, _, records, _ in scored], self.timeout_s,
+                 "teacher" if self.teacher is not None else "grouping")
+        if self.teacher is not None:
+            self._check_teacher(scored)
         t_teacher = time.perf_counter()
-        puts = [self.replay.put.remote([ref], sampling.n, version, self.timeout_s, num_tokens=tokens)
-                for ref, tokens in scored]
+        puts = [self.replay.put.remote([records], sampling.n, version, self.timeout_s, num_tokens=tokens)
+                for _, _, _, records, tokens in scored]
         wait_all(puts, self.timeout_s + 60.0, "replay queue")
         if not all(ray.get(puts)):
             raise RunStopped(f"replay queue: full for {self.timeout_s:g} s (trainer.actor_timeout_s); "
@@ -439,6 +522,25 @@ class Trainer:
             # without a teacher this is the gathering of each group under one ref
             ("teacher" if self.teacher is not None else "group"): t_teacher - t_feedback,
         }
+
+    def _check_teacher(self, scored: list[list]) -> None:
+        """Every group's header: a group whose call failed because the teacher died, or came back
+        restarted without its weights, is scored again once the teacher has them."""
+        for _attempt in range(self.cfg.trainer.max_actor_restarts + 1):
+            failed = []
+            for item in scored:
+                try:
+                    ray.get(item[2], timeout=self.timeout_s)
+                except (ray.exceptions.RayActorError, EngineRestarted) as e:
+                    failed.append((item, e))
+            if not failed:
+                return
+            self._restore_engine(self.teacher, "teacher", failed[0][1])
+            for item, _ in failed:
+                item[2], item[3] = self._score_group(item[0], item[1])
+            self.faults["resubmitted_groups"] += len(failed)
+            wait_all([item[3] for item, _ in failed], self.timeout_s, "teacher")
+        raise RunStopped(f"teacher: groups kept failing after {self.cfg.trainer.max_actor_restarts} restarts")
 
     def take_batch(self) -> tuple[list[ray.ObjectRef], list[int]]:
         """One ref per prompt group, and each group's token count."""
@@ -470,6 +572,9 @@ class Trainer:
         sampling = self.cfg.eval_sampling(seed=self.cfg.seed)
         graded_refs: dict[str, list[ray.ObjectRef]] = defaultdict(list)
         for uid, _, rollout_ref in self.stream_rollouts(prompts, sampling, self.version):
+            if rollout_ref is None:  # its worker died: the prompt's samples come again
+                graded_refs.pop(uid, None)
+                continue
             graded_refs[uid].append(self.feedback.grade_ref(self.prompt_refs[uid], rollout_ref))
         wait_all([r for refs in graded_refs.values() for r in refs], self.timeout_s, "grading (evaluation)",
                  holder=self.feedback.holder)

@@ -7,6 +7,7 @@ sampling on any machine, fast start), two prompts of two samples per step.
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -205,3 +206,92 @@ def test_a_failing_final_evaluation_keeps_the_final_checkpoint(ray_cluster, tmp_
     with pytest.raises(RuntimeError, match="the evaluation failed"):
         trainer.fit()
     assert (tmp_path / "checkpoints" / "latest").read_text() == "step_000001"
+
+
+# ------------------------------------------------------------------ actors SIGKILLed mid-run
+
+
+def _sigkill(actor) -> None:
+    os.kill(actor_pid(actor), signal.SIGKILL)
+
+
+def _kill_on_first_grading(trainer, victim):
+    """SIGKILL ``victim``'s process the moment the first sample of the next round reaches the
+    graders: mid-round, with that round's work in flight."""
+    grade_ref, done = trainer.feedback.grade_ref, []
+
+    def grade_ref_then_kill(*args):
+        ref = grade_ref(*args)
+        if not done:
+            done.append(True)
+            _sigkill(victim(trainer))
+        return ref
+
+    trainer.feedback.grade_ref = grade_ref_then_kill
+
+
+def _logprobs_agree(trainer):
+    prompt = [int(t) for t in trainer.train_prompts[0].prompt_ids]
+    response = prompt[-6:]
+    learner = np.array(trainer.learner.sequence_logprobs(prompt, response))
+    for engine in trainer.rollout_workers + [trainer.teacher]:
+        np.testing.assert_allclose(np.array(ray.get(engine.sequence_logprobs.remote(prompt, response))), learner,
+                                   atol=1e-4)
+
+
+@pytest.mark.parametrize("victim,when", [
+    (lambda t: t.rollout_workers[0], "between steps"),
+    (lambda t: t.teacher, "between steps"),
+    (lambda t: t.feedback.workers[0], "mid-round"),
+], ids=["rollout-worker", "teacher", "grader"])
+def test_a_sigkilled_engine_or_grader_is_restarted_and_the_run_completes(ray_cluster, tmp_path, victim, when):
+    """The dead actor comes back (Ray restarts it). A restarted engine refuses work until it has
+    the current weights; the driver sends them and gives the refused work again (the samples of
+    the rollout worker's prompts, the teacher's groups). A grader's calls rerun on its restarted
+    self. Every prompt of every step is trained on exactly once, and after the run every engine
+    agrees with the learner."""
+    steps = 3
+    cfg = compose_config(FAST + [f"trainer.total_steps={steps}", "trainer.eval_at_start=false", "trainer.eval_every=0",
+                                 "feedback.num_workers=1", "trainer.actor_timeout_s=120"])
+    trainer = Trainer(cfg, tmp_path)
+    trainer.setup()
+    try:
+        trainer.train_step()
+        if when == "between steps":
+            _sigkill(victim(trainer))
+        else:
+            _kill_on_first_grading(trainer, victim)
+        metrics = [trainer.train_step()[0] for _ in range(steps - 1)]
+        for m in metrics:
+            assert m["replay/accepted"] == m["replay/served"] + m["replay/dropped"] + m["replay/queued"]
+        last = metrics[-1]
+        assert last["replay/served"] == steps * 2 * 2 and last["replay/dropped"] == 0
+        if when == "between steps":
+            assert last["faults/engine_restarts"] == 1
+            resubmitted = "faults/resubmitted_samples" if victim(trainer) is not trainer.teacher else "faults/resubmitted_groups"
+            assert last[resubmitted] >= 1
+        _logprobs_agree(trainer)
+    finally:
+        summary = trainer.finish()
+    assert summary["step"] == steps
+
+
+@pytest.mark.parametrize("which", ["learner", "replay"])
+def test_a_dead_learner_rank_or_replay_queue_stops_the_run_with_the_resume_command(ray_cluster, tmp_path, which):
+    cfg = compose_config(FAST + ["trainer.total_steps=3", "trainer.eval_at_start=false", "trainer.eval_every=0",
+                                 "trainer.checkpoint_every=1", "trainer.actor_timeout_s=120"])
+    trainer = Trainer(cfg, tmp_path)
+    steps = iter(range(10))
+    real_step = trainer.train_step
+
+    def step_then_kill():
+        out = real_step()
+        if next(steps) == 1:  # in step 2, after step 1's checkpoint
+            _sigkill(trainer.learner.actors[1] if which == "learner" else trainer.replay)
+        return out
+
+    trainer.train_step = step_then_kill
+    name = "learner-1 (LearnerActor" if which == "learner" else "replay (ReplayQueue"
+    with pytest.raises(RunStopped, match=rf"actor {re.escape(name)}, pid \d+\) died: the run cannot go on without it; "
+                                         r"resume with trainer.resume=auto \(from .*checkpoints/step_00000[12]\)"):
+        trainer.fit()

@@ -219,17 +219,45 @@ def as_tensor(value) -> torch.Tensor:
     return torch.from_numpy(array)
 
 
+class EngineRestarted(RuntimeError):
+    """An engine actor that Ray restarted holds the starting weights, not the policy's: it refuses
+    work until the driver sends it the weights it should hold."""
+
+
+def restarted_actor() -> bool:
+    """Whether this process is a Ray actor that Ray has restarted (False outside Ray)."""
+    try:
+        import ray
+
+        if not ray.is_initialized():
+            return False
+        context = ray.get_runtime_context()
+        return context.get_actor_id() is not None and bool(context.was_current_actor_reconstructed)
+    except Exception:  # noqa: BLE001 - no Ray, or not a worker: not a restarted actor
+        return False
+
+
 class EngineHolder:
     """What a weight sync asks of an actor that holds an engine (the rollout workers, the
     teacher): the policy version it holds, and vLLM's weight-transfer protocol driven by learner
     rank 0 (``weight_sync.backend=collective``, learner/transfer.py). Expects ``self.engine`` and
-    ``self._version``."""
+    ``self._version``.
+
+    An engine that follows the policy and whose actor Ray restarted (the old process was killed)
+    starts from the checkpoint's weights again: ``awaiting_weights`` is then set, and
+    :meth:`check_weights` refuses work until a weight update arrives."""
 
     engine: Engine
     _version: int
+    awaiting_weights: bool = False
 
     def version(self) -> int:
         return self._version
+
+    def check_weights(self, what: str) -> None:
+        if self.awaiting_weights:
+            raise EngineRestarted(f"{what}: this actor was restarted and holds the starting weights; "
+                                  "it works again once the policy's weights are sent")
 
     def weight_transfer(self, phase: str, info: dict | None = None, version: int | None = None) -> None:
         """One phase of the protocol (see ``VLLMEngine.weight_transfer``); a completed ``receive``
@@ -237,3 +265,4 @@ class EngineHolder:
         self.engine.weight_transfer(phase, info)
         if phase == "receive" and version is not None:
             self._version = int(version)
+            self.awaiting_weights = False

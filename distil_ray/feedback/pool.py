@@ -54,11 +54,13 @@ class FeedbackPool:
     keep grading. ``num_cpus`` is per actor; fractional values let several share a small machine.
     """
 
-    def __init__(self, task: TaskConfig, cfg: FeedbackConfig, *, name: str = "feedback"):
+    def __init__(self, task: TaskConfig, cfg: FeedbackConfig, *, name: str = "feedback", max_restarts: int = 0):
         """``task``: the ``task`` section (what each grader builds); ``cfg``: the ``feedback``
-        section (how many actors, their CPU share)."""
+        section (how many actors, their CPU share); ``max_restarts``: how often Ray restarts a
+        grader whose process died. Grading is a pure function of its inputs, so the calls a dead
+        grader held are simply run again on its restarted self."""
         cfg.check()
-        actor = ray.remote(num_cpus=cfg.num_cpus)(Grader)
+        actor = ray.remote(num_cpus=cfg.num_cpus, max_restarts=max_restarts, max_task_retries=max_restarts)(Grader)
         self.name = name
         self.workers = [actor.options(name=f"{name}-{i}").remote(task) for i in range(cfg.num_workers)]
         self._pool = ActorPool(self.workers)

@@ -29,6 +29,7 @@ from typing import Sequence
 import ray
 
 from distil_ray.config import WeightSyncConfig
+from distil_ray.restarts import call_when_alive
 
 
 class WeightSync:
@@ -50,6 +51,7 @@ class WeightSync:
         self.collective = self.cfg.backend == "collective"
         self.connected = False
         self.advance_ema = self._ema_teacher if advance_ema is None else bool(advance_ema)
+        self.restarted_engines = 0  # engines that died during a sync and got its weights once restarted
 
     def _policy_followers(self) -> list:
         """The engines that load the policy itself."""
@@ -92,11 +94,30 @@ class WeightSync:
         if self.collective:
             refs = [ref for source, _ in sources for ref in self.learner.send_weights_refs(version, source)]
         else:
-            refs = []
+            calls = []
             for source, targets in sources:
                 state_ref = self.learner.weights_ref(self.dtype, source)
-                refs += [t.update_weights.remote(state_ref, version) for t in targets]
+                calls += [(t, state_ref, t.update_weights.remote(state_ref, version)) for t in targets]
+            self._wait([ref for _, _, ref in calls], what, retry={ref: (t, s) for t, s, ref in calls}, version=version)
+            return
         self._wait(refs, what)
+
+    def source_of(self, engine) -> str:
+        """Which weights ``engine`` holds: the moving average for an EMA teacher, else the policy."""
+        return "ema" if self._ema_teacher and engine is self.teacher else "policy"
+
+    def resend(self, engine, version: int) -> None:
+        """Send one engine the weights it should hold at ``version`` (an engine actor Ray restarted
+        starts from the checkpoint's weights). Object store only: a collective group cannot take a
+        restarted member back in."""
+        if self.collective:
+            raise RuntimeError("weight_sync.backend=collective cannot re-admit a restarted engine")
+        state_ref = self.learner.weights_ref(self.dtype, self.source_of(engine))
+        try:
+            call_when_alive(lambda: engine.update_weights.remote(state_ref, version), self.cfg.timeout_s + 60.0)
+        except ray.exceptions.GetTimeoutError:
+            raise TimeoutError(f"weight sync: resending version {version} did not finish within "
+                               f"{self.cfg.timeout_s + 60:.0f} s (weight_sync.timeout_s + 60)") from None
 
     def close(self) -> None:
         """Release the transport (nothing for the object store)."""
@@ -104,13 +125,22 @@ class WeightSync:
             self.learner.disconnect_engines()
             self.connected = False
 
-    def _wait(self, refs: list, what: str) -> None:
+    def _wait(self, refs: list, what: str, retry: dict | None = None, version: int | None = None) -> None:
         """An engine that takes longer than ``weight_sync.timeout_s`` has hung: fail the step
-        instead of the run waiting forever."""
+        instead of the run waiting forever. ``retry``: for the object store, the (engine, weights)
+        of each call, sent once more to an engine whose actor died during it (Ray restarts it)."""
         try:
             # a margin over the engines' own deadline, so that their error (which names the
             # phase that hung) arrives first
-            ray.get(refs, timeout=self.cfg.timeout_s + 60.0)
+            for ref in refs:
+                try:
+                    ray.get(ref, timeout=self.cfg.timeout_s + 60.0)
+                except ray.exceptions.RayActorError:
+                    if not retry or ref not in retry:
+                        raise
+                    engine, state_ref = retry[ref]  # the restarted actor: the same weights again
+                    call_when_alive(lambda: engine.update_weights.remote(state_ref, version), self.cfg.timeout_s + 60.0)
+                    self.restarted_engines += 1
         except ray.exceptions.GetTimeoutError:
             raise TimeoutError(f"weight sync: {what} did not finish within {self.cfg.timeout_s + 60:.0f} s "
                                "(weight_sync.timeout_s + 60)") from None

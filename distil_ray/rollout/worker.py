@@ -14,7 +14,8 @@ import numpy as np
 
 from distil_ray.config import RolloutConfig
 from distil_ray.engines import EngineOptions, SamplingConfig, build_engine
-from distil_ray.engines.base import EngineHolder, Weights, as_weights, configure_threads, strip_stop_text
+from distil_ray.engines.base import (EngineHolder, Weights, as_weights, configure_threads, restarted_actor,
+                                     strip_stop_text)
 from distil_ray.records import Prompt, Rollout
 
 
@@ -37,6 +38,7 @@ class RolloutWorker(EngineHolder):
         self.engine = build_engine(cfg.engine, model_path, options)
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
         self._version = 0
+        self.awaiting_weights = restarted_actor()  # the policy's weights were lost with the old process
 
     def generate(self, prompts: list[Prompt], sampling: SamplingConfig, policy_version: int) -> Iterator[Rollout]:
         """Yield one Rollout per (prompt, sample) as each completes."""
@@ -61,6 +63,7 @@ class RolloutWorker(EngineHolder):
         preceded by a tiny header, its prompt uid and its token count (prompt + response), so the
         driver routes by the uid, balances the learner ranks by the counts, and passes the
         record's ObjectRef on untouched."""
+        self.check_weights("rollout")
         for rollout in self.generate(prompts, sampling, policy_version):
             yield rollout.prompt_uid, len(rollout.prompt_ids) + len(rollout.response_ids)
             yield rollout
@@ -72,6 +75,7 @@ class RolloutWorker(EngineHolder):
         # then copies into its own parameters
         self.engine.load_weights(as_weights(state).tensors())
         self._version = int(version)
+        self.awaiting_weights = False
         return time.perf_counter() - start
 
     def sequence_logprobs(self, prompt_ids: list[int], response_ids: list[int]) -> list[float]:

@@ -43,6 +43,13 @@ class TeacherActor:
             asyncio.ensure_future(self._drain())
         return await future
 
+    async def score_group_with_header(self, prompt, *graded) -> tuple[int, list]:
+        """``score_group``, called with ``num_returns=2``: a tiny header (the group's size) and the
+        records, so the driver learns whether the call failed (e.g. this actor died and was
+        restarted) from the header alone, never fetching the records."""
+        scored = await self.score_group(prompt, *graded)
+        return len(scored), scored
+
     async def _drain(self) -> None:
         try:
             while self._queued:

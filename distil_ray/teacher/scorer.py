@@ -23,7 +23,7 @@ import numpy as np
 
 from distil_ray.config import TeacherConfig
 from distil_ray.engines import EngineOptions, build_engine
-from distil_ray.engines.base import EngineHolder, Weights, as_weights, configure_threads
+from distil_ray.engines.base import EngineHolder, Weights, as_weights, configure_threads, restarted_actor
 from distil_ray.feedback.templates import TeacherContext, reference_solution_context, reprompt_group
 from distil_ray.records import Graded, Prompt, Scored
 
@@ -71,6 +71,8 @@ class TeacherScorer(EngineHolder):
         # a long reference solution or trace must not take the run down
         self.max_context_tokens = max_context_tokens
         self._version = 0
+        # a restarted actor lost the weights a sync gave it: it scores again once they are resent
+        self.awaiting_weights = cfg.follows_policy and restarted_actor()
         self._last_contexts: list[list[int] | None] = []
         self._stats = {"scored": 0, "no_signal": 0, "used_solution": 0, "used_feedback": 0, "too_long": 0, "score_seconds": 0.0}
 
@@ -105,6 +107,7 @@ class TeacherScorer(EngineHolder):
     def score_groups(self, groups: Sequence[tuple[Prompt, Sequence[Graded]]]) -> list[list[Scored]]:
         """Score several prompt groups with one engine call (the engine batches every response of
         every group); one list of records per group, in input order."""
+        self.check_weights("teacher")
         requests: list[tuple[list[int], list[int]]] = []  # (teacher prompt, response) for the engine
         plans = []  # per group: its records, contexts, which rollouts were sent (index into requests)
         contexts_seen: list[list[int] | None] = []
@@ -196,6 +199,7 @@ class TeacherScorer(EngineHolder):
         start = time.perf_counter()
         self.engine.load_weights(as_weights(state).tensors())
         self._version = int(version)
+        self.awaiting_weights = False
         return time.perf_counter() - start
 
     def sequence_logprobs(self, prompt_ids: list[int], response_ids: list[int]) -> list[float]:
