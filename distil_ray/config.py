@@ -220,12 +220,15 @@ class RayConfig(Section):
     address: Optional[str] = None
     num_cpus: Optional[int] = None  # a fresh local cluster only; None lets Ray count the cores
     include_dashboard: bool = False
-    namespace: str = "distil_ray"
+    dashboard_port: int = 8265  # a fresh local cluster only
+    # None: one of the run's own (distil_ray-<run dir>-<random>), so runs can share a cluster
+    namespace: Optional[str] = None
 
     def check_values(self) -> None:
         self.positive("num_cpus", optional=True)
-        if not self.namespace:
-            raise ConfigError("ray.namespace='': must be a non-empty name")
+        self.positive("dashboard_port")
+        if self.namespace is not None and not self.namespace:
+            raise ConfigError("ray.namespace='': a non-empty name, or null for one of the run's own")
 
 
 @dataclass

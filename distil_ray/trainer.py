@@ -24,6 +24,7 @@ import logging
 import os
 import re
 import time
+import uuid
 from collections import defaultdict
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -273,13 +274,12 @@ class Trainer:
             # ray.address, else RAY_ADDRESS (what `ray job submit` sets), else a fresh local cluster
             # of this run's own: never whichever local cluster happened to start last
             address = cfg.ray.address or os.environ.get("RAY_ADDRESS") or "local"
-            ray.init(
-                address=address,
-                num_cpus=cfg.ray.num_cpus if address == "local" else None,
-                include_dashboard=cfg.ray.include_dashboard,
-                namespace=cfg.ray.namespace,
-                log_to_driver=False,
-            )
+            # the cluster's own settings only for a cluster this run starts
+            local = {"num_cpus": cfg.ray.num_cpus, "include_dashboard": cfg.ray.include_dashboard,
+                     "dashboard_port": cfg.ray.dashboard_port} if address == "local" else {}
+            # a namespace of the run's own: runs sharing a cluster never collide on actor names
+            self.namespace = cfg.ray.namespace or f"distil_ray-{self.run_dir.name}-{uuid.uuid4().hex[:8]}"
+            ray.init(address=address, namespace=self.namespace, log_to_driver=False, **local)
         self._check_cluster_resources()
         self._link_actor_logs()
         self.dashboard = DashboardMetrics(run=self.run_dir.name)
