@@ -580,6 +580,7 @@ class TrainerConfig(Section):
     eval_every: int = 10  # 0: never during training
     eval_at_start: bool = True
     checkpoint_every: int = 0  # 0: only at the end
+    keep_checkpoints: int = 0  # the newest K checkpoints stay, older ones are deleted; 0 keeps all
     resume: str = "never"  # never | auto | <checkpoint directory>
     save_hf_at_end: bool = False
     # the longest the driver waits on any actor's stage (rollouts, grading, the teacher, the replay
@@ -600,6 +601,7 @@ class TrainerConfig(Section):
         self.at_least("prompts_per_step", 1)
         self.at_least("eval_every", 0)
         self.at_least("checkpoint_every", 0)
+        self.at_least("keep_checkpoints", 0)
         resume = self.resume
         if resume in self.RESUME_MODES:
             return
@@ -636,9 +638,14 @@ class LoggingConfig(Section):
     wandb_project: str = "distil_ray"
     wandb_mode: str = "offline"  # offline | online | disabled
     console_every: int = 1
+    # the first N validation samples of each evaluation to RUN_DIR/generations/ (and wandb); 0: none
+    log_generations: int = 0
+    # every training batch's records to RUN_DIR/rollouts/
+    rollout_dump: bool = False
 
     def check_values(self) -> None:
         self.at_least("console_every", 1)
+        self.at_least("log_generations", 0)
 
 
 @dataclass

@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import time
 import uuid
 from collections import defaultdict
@@ -143,6 +144,8 @@ class Trainer:
         self.timeout_s = float(cfg.trainer.actor_timeout_s)
         # actors Ray restarted and the work given again because of them (logged as faults/*)
         self.faults: dict[str, int] = defaultdict(int)
+        self._tokenizer_ref = None
+        self._dumps: list[ray.ObjectRef] = []  # rollout dumps being written
 
     # ------------------------------------------------------------------ the algorithm
     def fit(self) -> dict[str, Any]:
@@ -238,6 +241,7 @@ class Trainer:
     def finish(self) -> dict[str, Any]:
         if self._checkpointed_step != self.step:
             self.checkpoint()
+        wait_all(self._dumps, self.timeout_s, "rollout dumps")
         if self.cfg.trainer.save_hf_at_end:
             self.learner.save_hf(str(self.run_dir / "hf_model"))
         summary = {
@@ -331,6 +335,7 @@ class Trainer:
 
         cfg = self.cfg
         tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer or model_dir, local_files_only=cfg.model.path is None)
+        self.tokenizer = tokenizer  # decodes the samples the logs show
         task = self.task
         from distil_ray.config import ConfigError
         from distil_ray.tasks.prompts import check_examples
@@ -542,11 +547,35 @@ class Trainer:
             wait_all([item[3] for item, _ in failed], self.timeout_s, "teacher")
         raise RunStopped(f"teacher: groups kept failing after {self.cfg.trainer.max_actor_restarts} restarts")
 
+    def log_generations(self, prompts: list[Prompt], grades: list[list]) -> None:
+        """The first ``logging.log_generations`` validation samples, with the context the teacher
+        would have had, to ``RUN_DIR/generations/`` and wandb."""
+        from distil_ray.telemetry.generations import sample_row, write_rows
+
+        rows, budget = [], self.cfg.logging.log_generations
+        for prompt, group in zip(prompts, grades):
+            if len(rows) >= budget:
+                break
+            contexts = [None] * len(group)
+            if self.teacher is not None:
+                contexts = ray.get(self.teacher.context_ids.remote(self.prompt_refs[prompt.uid], group),
+                                   timeout=self.timeout_s)
+            rows += [sample_row(self.step, g, self.tokenizer, c) for g, c in zip(group, contexts)][: budget - len(rows)]
+        write_rows(self.run_dir / "generations" / f"step_{self.step:06d}.jsonl", rows)
+        self.metrics.log_table("val/generations", rows, self.step)
+
     def take_batch(self) -> tuple[list[ray.ObjectRef], list[int]]:
         """One ref per prompt group, and each group's token count."""
         refs, versions, tokens = ray.get(
             self.replay.get.remote(self.cfg.trainer.prompts_per_step, self.version, self.timeout_s),
             timeout=self.timeout_s + 60.0)
+        if refs and self.cfg.logging.rollout_dump:  # written next to the records, by a task
+            from distil_ray.telemetry.generations import dump_rollouts
+
+            if self._tokenizer_ref is None:
+                self._tokenizer_ref = ray.put(self.tokenizer)
+            path = self.run_dir / "rollouts" / f"step_{self.step + 1:06d}.jsonl"
+            self._dumps.append(dump_rollouts.remote(str(path), self._tokenizer_ref, self.step + 1, *refs))
         if not refs:
             raise RunStopped(f"the replay queue served no data within {self.timeout_s:g} s: every group was too stale "
                              "or none arrived")
@@ -582,6 +611,8 @@ class Trainer:
         for p in prompts:
             group = sorted(ray.get(graded_refs[p.uid]), key=lambda g: g.sample_index)
             grades.append(group)
+        if self.cfg.logging.log_generations:
+            self.log_generations(prompts, grades)
         domains = [p.meta.get("domain") for p in prompts]
         metrics = aggregate_grades(grades, groups=domains if all(domains) else None)
         metrics = {f"val/{k}": v for k, v in metrics.items()}
@@ -629,7 +660,18 @@ class Trainer:
         ray.get(self.replay.save.remote(str(path / REPLAY_FILE)), timeout=self.timeout_s)
         (path.parent / "latest").write_text(path.name)
         self._checkpointed_step = self.step
+        self._prune_checkpoints(keep=path)
         self.metrics.log(self.step, {"time/checkpoint_s": time.perf_counter() - t0})
+
+    def _prune_checkpoints(self, keep: Path) -> None:
+        """``trainer.keep_checkpoints=K``: only the newest K step directories stay (the one just
+        written always among them); 0 keeps every one."""
+        k = self.cfg.trainer.keep_checkpoints
+        if not k:
+            return
+        steps = sorted(p for p in keep.parent.glob("step_*") if p.is_dir() and p != keep)
+        for old in steps[: max(0, len(steps) - (k - 1))]:
+            shutil.rmtree(old, ignore_errors=True)
 
     def _latest_checkpoint(self) -> str:
         latest = self.run_dir / CHECKPOINTS / "latest"

@@ -626,7 +626,9 @@ class LearnerWorker:
     def weights(self, dtype: str, source: str = "policy") -> Weights | None:
         """The full HF-named weights in ``dtype`` (the engines') on rank 0, None on the others
         (collective): what a weight sync puts in the object store. ``source``: ``policy`` or
-        ``ema`` (the moving average, see :meth:`advance_ema`)."""
+        ``ema`` (the moving average, see :meth:`advance_ema`). In the engines' own float32 and
+        with one rank the arrays may share memory with the live weights (no copy is made):
+        returned through Ray they are serialised at once; in-process callers copy them to keep."""
         if source == "ema":
             state = {}
             for name, t in self._ema_tensors().items():
@@ -721,8 +723,9 @@ class LearnerWorker:
         (root / "rng").mkdir(parents=True, exist_ok=True)
         torch.save(_rng_state(), root / "rng" / f"rank{self.rank}.pt")
         if self.rank == 0:
+            # model_path: where the model's config and tokenizer are (python -m distil_ray.export)
             meta = {"extra": extra, "scheduler": self.scheduler.state_dict(), "step": self.step,
-                    "world_size": self.world_size}
+                    "world_size": self.world_size, "model_path": self.model_path}
             tmp = root / "learner_state.pkl.tmp"
             tmp.write_bytes(pickle.dumps(meta))
             os.replace(tmp, root / "learner_state.pkl")  # a reader never sees a half-written file
@@ -757,20 +760,10 @@ class LearnerWorker:
         by rank 0 (collective)."""
         state = self._full_state_dict()
         if self.rank == 0:
-            from transformers import AutoTokenizer
-
             out = Path(path)
             out.mkdir(parents=True, exist_ok=True)
             self.model.save_pretrained(out, state_dict=state)
-            try:
-                AutoTokenizer.from_pretrained(self.model_path, local_files_only=True).save_pretrained(out)
-            except (OSError, ValueError):
-                # A model directory without a tokenizer: copy nothing rather than fail the save.
-                pass
-            for name in ("tiny_model_config.json",):
-                src = Path(self.model_path) / name
-                if src.is_file():
-                    shutil.copy(src, out / name)
+            copy_model_files(self.model_path, out)
         dist.barrier()
 
     def close(self) -> None:
@@ -779,6 +772,21 @@ class LearnerWorker:
         finally:
             if dist.is_initialized():
                 dist.destroy_process_group()
+
+
+def copy_model_files(model_path: str, out: Path) -> None:
+    """What a saved model needs beside its weights and config: the tokenizer of ``model_path``
+    (none there: nothing copied, rather than fail the save) and the tiny model's own config."""
+    from transformers import AutoTokenizer
+
+    try:
+        AutoTokenizer.from_pretrained(model_path, local_files_only=True).save_pretrained(out)
+    except (OSError, ValueError):
+        pass
+    for name in ("tiny_model_config.json",):
+        src = Path(model_path) / name
+        if src.is_file():
+            shutil.copy(src, out / name)
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

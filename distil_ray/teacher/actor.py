@@ -85,6 +85,9 @@ class TeacherActor:
     async def sequence_logprobs(self, prompt_ids: list[int], response_ids: list[int]) -> list[float]:
         return await self._on_engine(self.scorer.sequence_logprobs, prompt_ids, response_ids)
 
+    async def context_ids(self, prompt, graded: list) -> list:
+        return self.scorer.context_ids(prompt, graded)  # tokenizer only: no need to queue for the engine
+
     async def last_teacher_contexts(self):
         """The teacher sequences of the last engine call: every group of its batch, in order."""
         return await self._on_engine(self.scorer.last_teacher_contexts)

@@ -183,6 +183,11 @@ class TeacherScorer(EngineHolder):
             )
         return out
 
+    def context_ids(self, prompt: Prompt, graded: Sequence[Graded]) -> list[list[int] | None]:
+        """The teacher's chat-templated context for each rollout of a group (None where it would
+        have no signal), without scoring anything: what the generation logs show."""
+        return [self.teacher_prompt_ids(ctx) if ctx.has_signal else None for ctx in self._contexts(prompt, list(graded))]
+
     def last_teacher_contexts(self) -> list[list[int] | None]:
         """The full teacher sequences (context + response ids) of the last ``score_group`` call,
         one per record (None where the record had no signal)."""

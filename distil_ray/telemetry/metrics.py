@@ -132,6 +132,16 @@ class MetricsLogger:
             self._wandb_run.log(clean, step=int(step))
         return clean
 
+    def log_table(self, key: str, rows: list[dict[str, Any]], step: int) -> None:
+        """Rows of text (e.g. generations) as a wandb table; the JSON-lines files hold them too."""
+        if self._wandb_run is None or not rows:
+            return
+        import wandb as wandb_lib
+
+        columns = list(rows[0])
+        table = wandb_lib.Table(columns=columns, data=[[row.get(c) for c in columns] for row in rows])
+        self._wandb_run.log({key: table}, step=int(step))
+
     def close(self) -> None:
         if not self._file.closed:
             self._file.close()
