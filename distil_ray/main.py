@@ -61,8 +61,13 @@ def run(cfg) -> dict:
     # Imported only now: printing or rejecting a config should not pay for torch, Ray and vLLM.
     from distil_ray.trainer import RunStopped, Trainer
 
+    # a sweep's jobs: named by their overrides, grouped by the sweep (what wandb shows)
+    hydra_cfg = HydraConfig.get()
+    multirun = hydra_cfg.mode is not None and str(hydra_cfg.mode).endswith("MULTIRUN")
+    name = hydra_cfg.job.override_dirname or run_dir.name
+    group = Path(hydra_cfg.sweep.dir).name if multirun else None
     try:
-        return Trainer(run_cfg, run_dir).fit()
+        return Trainer(run_cfg, run_dir, run_name=name if multirun else run_dir.name, group=group).fit()
     except ConfigError as e:  # found after start-up: the cluster, the model path, the data
         _fail(e)
     except RunStopped as e:  # an actor past its deadline, too many non-finite steps: the line says it all

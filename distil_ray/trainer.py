@@ -127,9 +127,12 @@ class StageClock:
 
 
 class Trainer:
-    def __init__(self, cfg, run_dir: str | os.PathLike):
+    def __init__(self, cfg, run_dir: str | os.PathLike, *, run_name: str | None = None, group: str | None = None):
+        """``run_name``/``group``: how wandb names and groups the run (main.py: a sweep's jobs by
+        their overrides, grouped by the sweep); default the run directory's name, no group."""
         self.cfg = cfg
         self.run_dir = Path(run_dir)
+        self.run_name, self.group = run_name, group
         self.algorithm = cfg.algorithm.spec
         self.version = 0  # policy version = number of weight syncs (one per generation batch trained on)
         self.step = 0
@@ -265,6 +268,8 @@ class Trainer:
         self.metrics = MetricsLogger(
             self.run_dir,
             rewind_to=self._start_step if path is not None else None,
+            name=self.run_name,
+            group=self.group,
             wandb=cfg.logging.wandb,
             project=cfg.logging.wandb_project,
             mode=cfg.logging.wandb_mode,

@@ -21,6 +21,7 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
+WANDB_ID_FILE = "wandb_run_id"
 _NON_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 
 
@@ -76,7 +77,8 @@ class MetricsLogger:
     """
 
     def __init__(self, run_dir, *, wandb: bool = False, project: str = "distil_ray", mode: str = "offline",
-                 config: Mapping[str, Any] | None = None, rewind_to: int | None = None):
+                 config: Mapping[str, Any] | None = None, rewind_to: int | None = None, name: str | None = None,
+                 group: str | None = None):
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.run_dir / METRICS_FILE
@@ -87,16 +89,26 @@ class MetricsLogger:
         self._skipped: set[str] = set()
         self._wandb_run = None
         if wandb and mode != "disabled":
-            self._wandb_run = self._start_wandb(project, mode, plain_config(config))
+            self._wandb_run = self._start_wandb(project, mode, plain_config(config), name or self.run_dir.name, group)
 
-    def _start_wandb(self, project: str, mode: str, config: dict):
+    def wandb_run_id(self) -> str:
+        """The run's wandb id, made once and kept in the run directory: a resumed run (same run
+        directory) continues the same wandb run instead of starting a new one."""
+        path = self.run_dir / WANDB_ID_FILE
+        if not path.is_file():
+            import secrets
+
+            path.write_text(secrets.token_hex(8))
+        return path.read_text().strip()
+
+    def _start_wandb(self, project: str, mode: str, config: dict, name: str, group: str | None):
         try:
             import wandb as wandb_lib
         except ImportError:
             logger.warning("logging.wandb=true but the wandb package is not installed; metrics go to %s only", self.path)
             return None
-        return wandb_lib.init(project=project, mode=mode, config=config, dir=str(self.run_dir),
-                              name=self.run_dir.name, resume="allow")
+        return wandb_lib.init(project=project, mode=mode, config=config, dir=str(self.run_dir), name=name,
+                              group=group, id=self.wandb_run_id(), resume="allow")
 
     def _rewind(self, step: int) -> None:
         """Drop the lines logged after ``step`` (a run resumed from that step's checkpoint redoes

@@ -32,3 +32,15 @@ def test_a_sweep_root_reports_every_job_labelled_by_its_overrides(tmp_path):
     assert "val/accuracy: 0:0.250  10:0.400" in out.stdout
     # one run alone: labelled by all of its overrides
     assert labels(jobs[:1]) == ["+experiment=tiny algorithm=distil seed=0"]
+
+
+def test_the_wandb_run_id_survives_a_restart_of_the_run(tmp_path):
+    from distil_ray.telemetry.metrics import MetricsLogger
+
+    first = MetricsLogger(tmp_path)
+    run_id = first.wandb_run_id()
+    first.close()
+    again = MetricsLogger(tmp_path, rewind_to=0)  # a resumed run in the same directory
+    assert again.wandb_run_id() == run_id and len(run_id) == 16
+    again.close()
+    assert MetricsLogger(tmp_path / "other").wandb_run_id() != run_id
