@@ -72,6 +72,7 @@ class Graded(Rollout):
     feedback: str = ""  # execution trace, grader message
     answer: str | None = None  # extracted final answer (for maj@k)
     demonstration: str | None = None  # a successful sibling's response, when one exists
+    sandbox_error: bool = False  # the grader could not run the program (a failure of the sandbox, not the code)
 
     @classmethod
     def from_rollout(cls, rollout: Rollout, **fields) -> "Graded":

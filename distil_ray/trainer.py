@@ -231,6 +231,10 @@ class Trainer:
         metrics["replay/version_lag"] = float(self._last_lag)
         metrics.update({f"time/{stage}_s": s for stage, s in clock.seconds.items()})
         metrics["time/step_s"] = clock.total()
+        if clock.seconds.get("rollout"):
+            # response tokens generated per second of the round's generation
+            response_tokens = metrics.get("rollout/response_tokens_mean", 0.0) * metrics.get("rollout/num_samples", 0.0)
+            metrics["rollout/tokens_per_s"] = response_tokens / clock.seconds["rollout"]
         metrics["time/overhead_s"] = max(0.0, clock.total() - sum(clock.seconds.values()))
         self.metrics.log(self.step, metrics)
         self.dashboard.record(metrics)

@@ -37,3 +37,33 @@ def test_generations_rollouts_and_checkpoint_retention(ray_cluster, tmp_path):
         assert all(r["distilled"] == (r["teacher_context"] is not None) for r in rows)
     kept = sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*"))
     assert kept == ["step_000002", "step_000003"]
+
+
+def test_the_run_s_gauges_reach_the_clusters_metrics_endpoint(ray_cluster, tmp_path):
+    """What Prometheus (and the dashboard's Metrics view) scrapes from the node: every gauge the
+    docs list, labelled with the run."""
+    import time
+    import urllib.request
+
+    import ray
+
+    from distil_ray.telemetry.ray_metrics import GAUGES
+
+    cfg = compose_config(FAST + ["trainer.total_steps=2", "trainer.eval_every=0", "replay.max_staleness=1"])
+    trainer = Trainer(cfg, tmp_path)
+    trainer.setup()
+    try:
+        for _ in range(2):
+            trainer.train_step()
+        port = ray._private.worker.global_worker.node.metrics_export_port
+        wanted = {f"ray_{name}" for key, (name, _) in GAUGES.items() if key != "val/accuracy"}  # no evaluation ran
+        found: set[str] = set()
+        deadline = time.monotonic() + 60
+        while found != wanted and time.monotonic() < deadline:
+            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+            found = {line.split("{")[0] for line in text.splitlines()
+                     if line.startswith("ray_distil_ray_") and f'run="{tmp_path.name}"' in line} & wanted
+            time.sleep(1)
+        assert found == wanted, sorted(wanted - found)
+    finally:
+        trainer.shutdown()

@@ -43,6 +43,7 @@ class Grader:
             score=float(grade.score),
             feedback=grade.feedback,
             answer=grade.answer,
+            sandbox_error=bool((grade.details or {}).get("sandbox_error", False)),
         )
 
 

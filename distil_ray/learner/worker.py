@@ -345,7 +345,7 @@ class LearnerWorker:
     # What the batch looked like before any filtering: the rollouts' rewards, lengths and how many
     # carried a distillation signal. Summed here and divided after the all-reduce, so the numbers
     # are over the global batch.
-    _ROLLOUT_FIELDS = ("reward", "correct", "response_tokens", "distill", "truncated")
+    _ROLLOUT_FIELDS = ("reward", "correct", "response_tokens", "distill", "truncated", "sandbox_error")
 
     @staticmethod
     def _rollout_sums(records: Sequence[Scored]) -> torch.Tensor:
@@ -353,16 +353,19 @@ class LearnerWorker:
         for r in records:
             sums += torch.tensor([
                 float(r.reward), float(r.correct), float(len(r.response_ids)),
-                float(getattr(r, "distill_mask", False)), float(r.finish_reason == "length"), 1.0,
+                float(getattr(r, "distill_mask", False)), float(r.finish_reason == "length"),
+                float(getattr(r, "sandbox_error", False)), 1.0,
             ], dtype=torch.float64)
         return sums
 
     def _rollout_metrics(self, sums: torch.Tensor) -> dict[str, float]:
         dist.all_reduce(sums)
         n = max(float(sums[-1]), 1.0)
-        names = ("reward_mean", "accuracy", "response_tokens_mean", "distill_fraction", "truncated_fraction")
+        names = ("reward_mean", "accuracy", "response_tokens_mean", "distill_fraction", "truncated_fraction",
+                 "sandbox_error_fraction")
         out = {f"rollout/{name}": float(v) / n for name, v in zip(names, sums[:-1])}
         out["rollout/num_tokens"] = float(sums[2])
+        out["rollout/sandbox_errors"] = float(sums[5])  # the grader could not run the program
         out["rollout/num_samples"] = float(sums[-1])
         return out
 

@@ -14,8 +14,14 @@ GAUGES = {
     "policy_version": ("distil_ray_policy_version", "optimizer steps taken"),
     "time/step_s": ("distil_ray_step_seconds", "wall time of the last step"),
     "time/sync_s": ("distil_ray_sync_seconds", "weight sync time of the last step"),
+    "time/learner_s": ("distil_ray_learner_seconds", "learner time (forward, backward, optimizer) of the last step"),
+    "rollout/tokens_per_s": ("distil_ray_rollout_tokens_per_second", "tokens generated per second in the last round"),
+    "learner/tokens_per_s": ("distil_ray_learner_tokens_per_second", "tokens trained on per second in the last step"),
     "replay/queued": ("distil_ray_replay_queued", "records waiting in the replay queue"),
     "replay/dropped": ("distil_ray_replay_dropped", "records dropped as too stale, in all"),
+    "replay/version_lag": ("distil_ray_staleness", "policy versions the last batch was behind the learner"),
+    "rollout/sandbox_errors": ("distil_ray_sandbox_errors", "rollouts of the last step the sandbox could not run"),
+    "learner/skipped_updates_total": ("distil_ray_skipped_updates", "updates skipped for a non-finite loss, in all"),
 }
 
 
