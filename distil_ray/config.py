@@ -193,6 +193,16 @@ class Section:
     def at_least(self, name: str, low, *, optional: bool = False) -> None:
         check_at_least(self.key(name), getattr(self, name), low, optional=optional)
 
+    def custom_resources(self, name: str = "resources") -> None:
+        """A mapping of custom Ray resource names to positive amounts (CPUs and GPUs have their
+        own keys)."""
+        for resource, amount in (getattr(self, name) or {}).items():
+            if resource in ("CPU", "GPU") or not str(resource).strip():
+                raise ConfigError(f"{self.key(name)}: {resource!r} is not a custom resource name "
+                                  "(use num_cpus / num_gpus for CPUs and GPUs)")
+            if not isinstance(amount, (int, float)) or amount <= 0:
+                raise ConfigError(f"{self.key(name)}.{resource}={amount!r}: must be a positive number")
+
     def positive(self, name: str, *, optional: bool = False) -> None:
         check_positive(self.key(name), getattr(self, name), optional=optional)
 
@@ -357,6 +367,8 @@ class RolloutConfig(SamplingSection):
     num_workers: int = 1
     num_cpus: float = 0.25
     num_gpus: float = 0.0  # per worker; 1 on a GPU node
+    # custom Ray resources each worker needs, e.g. {rollout_node: 1}: it runs only on nodes offering them
+    resources: Dict[str, float] = field(default_factory=dict)
     n_samples: int = 4  # rollouts per prompt (a group)
     temperature: float = 1.0
     top_p: float = 1.0
@@ -370,6 +382,7 @@ class RolloutConfig(SamplingSection):
     enforce_eager: Optional[bool] = None
 
     def check_values(self) -> None:
+        self.custom_resources()
         self.at_least("num_workers", 1)
         self.positive("num_cpus")
         self.at_least("num_gpus", 0.0)
@@ -386,8 +399,10 @@ class FeedbackConfig(Section):
 
     num_workers: int = 1
     num_cpus: float = 0.25
+    resources: Dict[str, float] = field(default_factory=dict)  # per grader, as rollout.resources
 
     def check_values(self) -> None:
+        self.custom_resources()
         self.at_least("num_workers", 1)
         self.positive("num_cpus")
 
@@ -441,6 +456,7 @@ class TeacherConfig(Section):
     num_cpus: float = 0.25
     kv_cache_memory_bytes: int = 64 * 2**20
     num_gpus: float = 0.0  # ignored with backend=learner (its actor only builds contexts)
+    resources: Dict[str, float] = field(default_factory=dict)  # as rollout.resources
     # teacher context + response beyond this many tokens is not scored (no signal, counted);
     # None: the model's max_position_embeddings
     max_context_tokens: Optional[int] = None
@@ -461,6 +477,7 @@ class TeacherConfig(Section):
         return self.update != "fixed" and self.backend != "learner"
 
     def check_values(self) -> None:
+        self.custom_resources()
         if self.backend == "http":
             if self.update != "fixed":
                 raise ConfigError(f"teacher.update={self.update!r}: an http expert's weights are its own; "
@@ -519,6 +536,9 @@ class LearnerConfig(Section):
     world_size: int = 2
     num_cpus: float = 0.5
     num_gpus: float = 0.0  # per rank; 1 for NCCL training
+    # per rank, as rollout.resources; the ranks go into one placement group, on one node where
+    # they fit (STRICT_PACK), else packed onto as few as possible (PACK)
+    resources: Dict[str, float] = field(default_factory=dict)
     backend: str = "gloo"  # gloo | nccl
     dtype: str = "float32"  # float32 | bfloat16: the compute dtype (master weights stay float32)
     lr: float = 1e-5
@@ -549,6 +569,7 @@ class LearnerConfig(Section):
     collective_timeout_s: float = 1800.0
 
     def check_values(self) -> None:
+        self.custom_resources()
         self.at_least("world_size", 1)
         self.positive("num_cpus")
         self.at_least("num_gpus", 0.0)

@@ -386,8 +386,9 @@ class Trainer:
         # Ray restarts a rollout worker, grader or teacher that dies; the driver resends the weights
         # and the work (stream_rollouts, _check_teacher); graders rerun their calls themselves
         restarts = cfg.trainer.max_actor_restarts
+        # custom resources (rollout.resources, ...) put each kind of actor on the nodes that offer them
         rollout_actor = ray.remote(num_cpus=cfg.rollout.num_cpus, num_gpus=cfg.rollout.num_gpus,
-                                   max_restarts=restarts)(RolloutWorker)
+                                   resources=dict(cfg.rollout.resources) or None, max_restarts=restarts)(RolloutWorker)
         self.rollout_workers = [rollout_actor.options(name=f"rollout-{i}").remote(model_dir, cfg.rollout, **run, **transfer)
                                 for i in range(cfg.rollout.num_workers)]
         self.feedback = FeedbackPool(cfg.task, cfg.feedback, max_restarts=restarts)
@@ -397,6 +398,7 @@ class Trainer:
             # groups are scored in batches: whatever is queued when the engine is next free; with
             # the teacher on the learner this actor only builds the contexts (no engine, no GPU)
             teacher_actor = ray.remote(num_cpus=cfg.teacher.num_cpus, num_gpus=0 if on_learner else cfg.teacher.num_gpus,
+                                       resources=dict(cfg.teacher.resources) or None,
                                        max_restarts=restarts)(TeacherActor)
             follows = transfer if cfg.teacher.follows_policy else {}  # the policy, or its average
             self.teacher = teacher_actor.options(name="teacher").remote(model_dir, cfg.teacher, **run, **follows)

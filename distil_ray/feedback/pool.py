@@ -61,7 +61,8 @@ class FeedbackPool:
         grader whose process died. Grading is a pure function of its inputs, so the calls a dead
         grader held are simply run again on its restarted self."""
         cfg.check()
-        actor = ray.remote(num_cpus=cfg.num_cpus, max_restarts=max_restarts, max_task_retries=max_restarts)(Grader)
+        actor = ray.remote(num_cpus=cfg.num_cpus, resources=dict(cfg.resources) or None, max_restarts=max_restarts,
+                           max_task_retries=max_restarts)(Grader)
         self.name = name
         self.workers = [actor.options(name=f"{name}-{i}").remote(task) for i in range(cfg.num_workers)]
         self._pool = ActorPool(self.workers)

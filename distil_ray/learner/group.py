@@ -112,8 +112,14 @@ class LearnerGroup:
         self.collective_timeout_s = cfg.collective_timeout_s
         self.name = name
         actor_cls = ray.remote(LearnerActor)
+        self.placement = self._place(cfg, setup_timeout_s)
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
         self.actors = [
-            actor_cls.options(name=f"{name}-{rank}", num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus).remote()
+            actor_cls.options(name=f"{name}-{rank}", num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus,
+                              resources=dict(cfg.resources) or None,
+                              scheduling_strategy=PlacementGroupSchedulingStrategy(
+                                  self.placement, placement_group_bundle_index=rank)).remote()
             for rank in range(cfg.world_size)
         ]
         if teacher is not None:
@@ -129,6 +135,28 @@ class LearnerGroup:
         except BaseException:
             self._kill()
             raise
+
+    @staticmethod
+    def _place(cfg: LearnerConfig, timeout_s: float):
+        """One placement group for the ranks: all on one node where one node can hold them
+        (STRICT_PACK: the collectives stay on the node), else on as few nodes as possible."""
+        from ray.util.placement_group import placement_group
+
+        bundle = {"CPU": float(cfg.num_cpus), **({"GPU": float(cfg.num_gpus)} if cfg.num_gpus else {}),
+                  **{k: float(v) for k, v in cfg.resources.items()}}
+        need = {k: v * cfg.world_size for k, v in bundle.items()}
+        fits = any(all(node["Resources"].get(k, 0.0) >= v - 1e-9 for k, v in need.items())
+                   for node in ray.nodes() if node.get("Alive"))
+        group = placement_group([bundle] * cfg.world_size, strategy="STRICT_PACK" if fits else "PACK")
+        try:
+            ray.get(group.ready(), timeout=timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            from ray.util.placement_group import remove_placement_group
+
+            remove_placement_group(group)
+            raise TimeoutError(f"learner ranks: no room on the cluster for {cfg.world_size} x {bundle} within "
+                               f"{timeout_s:.0f} s (learner.num_cpus / num_gpus / resources)") from None
+        return group
 
     # --------------------------------------------------------------- collective calls
 
@@ -238,6 +266,11 @@ class LearnerGroup:
         for actor in self.actors:
             ray.kill(actor)
         self.actors = []
+        if getattr(self, "placement", None) is not None:
+            from ray.util.placement_group import remove_placement_group
+
+            remove_placement_group(self.placement)
+            self.placement = None
 
     def __enter__(self) -> "LearnerGroup":
         return self
