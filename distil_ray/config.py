@@ -367,8 +367,6 @@ class RolloutConfig(SamplingSection):
     num_workers: int = 1
     num_cpus: float = 0.25
     num_gpus: float = 0.0  # per worker; 1 on a GPU node
-    # custom Ray resources each worker needs, e.g. {rollout_node: 1}: it runs only on nodes offering them
-    resources: Dict[str, float] = field(default_factory=dict)
     n_samples: int = 4  # rollouts per prompt (a group)
     temperature: float = 1.0
     top_p: float = 1.0
@@ -380,6 +378,9 @@ class RolloutConfig(SamplingSection):
     # whether it runs without CUDA graphs (None: eagerly on the CPU only)
     max_model_len: Optional[int] = None
     enforce_eager: Optional[bool] = None
+    # custom Ray resources each worker needs (+rollout.resources.NAME=AMOUNT): it runs only on the
+    # nodes that offer them
+    resources: Dict[str, float] = field(default_factory=dict)
 
     def check_values(self) -> None:
         self.custom_resources()

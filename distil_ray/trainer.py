@@ -256,7 +256,7 @@ class Trainer:
             "wall_s": time.perf_counter() - self._t_start,
             "startup_s": self.startup_s,
             **self.best,
-            **ray.get(self.replay.stats.remote()),
+            **ray.get(self.replay.stats.remote(), timeout=self.timeout_s),
         }
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         self.shutdown()

@@ -161,10 +161,16 @@ def test_an_empty_validation_split_is_refused_before_training(tmp_path):
     assert "no records" in last_line(proc.stderr) and "Traceback" not in proc.stderr
 
 
-def test_gpus_the_cluster_lacks_fail_in_one_line_before_any_actor(tmp_path):
-    proc = main("rollout.num_gpus=1", run_dir=tmp_path, timeout=120)
+@pytest.mark.parametrize("overrides,message", [
+    (["rollout.num_gpus=1"], "the cluster has 0 GPUs: the actors ask for 1 GPUs (rollout.num_gpus"),
+    # ray.num_cpus=null: Ray counts the machine's cores, so only the started cluster can say
+    (["ray.num_cpus=null", "learner.num_cpus=64"], "the cluster has "),
+], ids=["gpus", "cpus"])
+def test_resources_the_cluster_lacks_fail_in_one_line_before_any_actor(tmp_path, overrides, message):
+    proc = main(*overrides, run_dir=tmp_path, timeout=120)
     assert proc.returncode == 2, proc.stderr[-3000:]
-    assert last_line(proc.stderr).startswith("the cluster has 0 GPUs: the actors ask for 1 GPUs (rollout.num_gpus")
+    assert last_line(proc.stderr).startswith(message), last_line(proc.stderr)
+    assert "CPUs" in last_line(proc.stderr) or "GPUs" in last_line(proc.stderr)
     assert "Traceback" not in proc.stderr
 
 

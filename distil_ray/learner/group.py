@@ -161,6 +161,9 @@ class LearnerGroup:
     # --------------------------------------------------------------- collective calls
 
     def _all(self, method: str, *args, timeout_s: float | None = None) -> list:
+        """``method`` on every rank; past ``timeout_s`` (default: the collective timeout, after
+        which a rank stuck in a collective has failed anyway, plus a margin) a clear error."""
+        timeout_s = self.collective_timeout_s + 60.0 if timeout_s is None else timeout_s
         try:
             return ray.get([getattr(a, method).remote(*args) for a in self.actors], timeout=timeout_s)
         except ray.exceptions.GetTimeoutError:
@@ -223,8 +226,14 @@ class LearnerGroup:
 
     def _rank0_ref(self, method: str, *args) -> ray.ObjectRef:
         refs = [getattr(a, method).remote(*args) for a in self.actors]
-        ray.get(refs[1:])  # None from the others; waiting surfaces their errors
-        ray.wait(refs[:1], fetch_local=False)
+        timeout_s = self.collective_timeout_s + 60.0
+        try:
+            ray.get(refs[1:], timeout=timeout_s)  # None from the others; waiting surfaces their errors
+        except ray.exceptions.GetTimeoutError:
+            raise TimeoutError(f"learner ranks: {method} did not finish within {timeout_s:.0f} s") from None
+        ready, _ = ray.wait(refs[:1], fetch_local=False, timeout=timeout_s)
+        if not ready:
+            raise TimeoutError(f"learner rank 0: {method} did not finish within {timeout_s:.0f} s")
         return refs[0]
 
     def sequence_logprobs(self, prompt_ids: Sequence[int], response_ids: Sequence[int]) -> list[float]:
