@@ -887,10 +887,11 @@ def validate(cfg) -> RunConfig:
         section.check_values()
     _check_weight_sync(cfg)
     per_step = cfg.trainer.prompts_per_step * cfg.rollout.n_samples
-    if cfg.replay.capacity < per_step:
+    # with max_staleness = s, up to s rounds wait in the queue while the learner checkpoints
+    if cfg.replay.capacity < max(1, cfg.replay.max_staleness) * per_step:
         raise ConfigError(
-            f"replay.capacity={cfg.replay.capacity}: must be >= trainer.prompts_per_step * rollout.n_samples "
-            f"= {per_step} (one step's samples)"
+            f"replay.capacity={cfg.replay.capacity}: must be >= max(1, replay.max_staleness) * trainer.prompts_per_step "
+            f"* rollout.n_samples = {max(1, cfg.replay.max_staleness) * per_step} (the rounds generated ahead)"
         )
     if cfg.ray.num_cpus is not None and cfg.ray.address is None and not os.environ.get("RAY_ADDRESS"):
         check_cpu_budget(cfg, cfg.ray.num_cpus, f"ray.num_cpus={cfg.ray.num_cpus}")

@@ -176,7 +176,8 @@ class Trainer:
                 self.checkpoint()  # first: a failing final evaluation must not lose the trained weights
             if cfg.trainer.eval_every and self.step % cfg.trainer.eval_every == 0:
                 self.evaluate()
-            if cfg.trainer.checkpoint_every and self.step % cfg.trainer.checkpoint_every == 0:
+            if (cfg.trainer.checkpoint_every and self.step % cfg.trainer.checkpoint_every == 0
+                    and self._checkpointed_step != self.step):
                 self.checkpoint()
         if not (cfg.trainer.eval_every and self.step % cfg.trainer.eval_every == 0):
             self.evaluate()  # the final evaluation
@@ -249,6 +250,7 @@ class Trainer:
         if self._checkpointed_step != self.step:
             self.checkpoint()
         wait_all(self._dumps, self.timeout_s, "rollout dumps")
+        ray.get(self._dumps)  # a failed write is reported
         if self.cfg.trainer.save_hf_at_end:
             self.learner.save_hf(str(self.run_dir / "hf_model"))
         summary = {
@@ -271,7 +273,8 @@ class Trainer:
         self._start_step = _checkpoint_step(path) if path is not None else 0
         self.metrics = MetricsLogger(
             self.run_dir,
-            rewind_to=self._start_step if path is not None else None,
+            # auto without a checkpoint: a fresh start, what an earlier attempt logged is dropped
+            rewind_to=-1 if path is None and self.cfg.trainer.resume == "auto" else None,
             name=self.run_name,
             group=self.group,
             wandb=cfg.logging.wandb,
@@ -473,12 +476,15 @@ class Trainer:
         """``engine``'s actor died (or came back restarted): once Ray has restarted it, send it the
         weights it should hold; stop the run where that cannot be done."""
         restarts = self.cfg.trainer.max_actor_restarts
-        if self.cfg.weight_sync.backend == "collective":
+        # a fixed teacher, or one that only builds contexts (teacher.backend=learner), holds no policy weights
+        needs_weights = engine is not self.teacher or self.cfg.teacher.follows_policy
+        if needs_weights and self.cfg.weight_sync.backend == "collective":
             raise RunStopped(f"{name} died ({_first_line(error)}); weight_sync.backend=collective cannot take a "
                              f"restarted engine back: resume with trainer.resume=auto from {self._latest_checkpoint()}")
         try:
             call_when_alive(engine.version.remote, self.timeout_s)  # waits for the restart
-            self.weight_sync.resend(engine, self.version)
+            if needs_weights:
+                self.weight_sync.resend(engine, self.version)
         except ray.exceptions.GetTimeoutError:
             raise RunStopped(f"{name} did not come back within {self.timeout_s:g} s (trainer.actor_timeout_s)") from None
         except ray.exceptions.RayActorError as e:
@@ -585,8 +591,12 @@ class Trainer:
 
             if self._tokenizer_ref is None:
                 self._tokenizer_ref = ray.put(self.tokenizer)
+            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
             path = self.run_dir / "rollouts" / f"step_{self.step + 1:06d}.jsonl"
-            self._dumps.append(dump_rollouts.remote(str(path), self._tokenizer_ref, self.step + 1, *refs))
+            here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)  # the run dir's disk
+            self._dumps.append(dump_rollouts.options(scheduling_strategy=here).remote(
+                str(path), self._tokenizer_ref, self.step + 1, *refs))
         if not refs:
             raise RunStopped(f"the replay queue served no data within {self.timeout_s:g} s: every group was too stale "
                              "or none arrived")
@@ -708,6 +718,9 @@ class Trainer:
             return
         state = self.learner.load_checkpoint(str(path))
         self.load_state_dict(state)
+        # what the stopped run logged after this checkpoint: redone now, so dropped (only once the
+        # checkpoint has loaded: a wrong path must not cost the history)
+        self.metrics.rewind(self.step)
         self.weight_sync.restore(self.version, path)
         # the rounds that were ahead of the learner: their saved groups, each round a finished future
         in_flight = int(state.get("rounds_in_flight", 0))
@@ -723,10 +736,15 @@ class Trainer:
     def abort(self) -> None:
         """After a failure: stop every actor this run started (what it checkpointed stays), so a
         caller sharing the cluster is not left with them; errors here must not hide the first."""
+        producer, self._producer = self._producer, None
+        if producer is not None:  # a round in flight fails fast once its actors are gone
+            producer.shutdown(wait=False, cancel_futures=True)
         try:
             self.shutdown()
         except Exception as e:  # noqa: BLE001
             log.warning("cleaning up after the failure failed too: %s", e)
+        if producer is not None:
+            producer.shutdown(wait=True)
 
     def shutdown(self) -> None:
         """Stop the producer and every actor (whichever of them were started)."""

@@ -170,7 +170,7 @@ def test_unknown_top_level_and_nested_keys():
         ("teacher.topk=0", "teacher.topk=0: must be >= 1"),
         ("teacher.topk=1000", "teacher.topk=1000: must be <= model.tiny.vocab_size=512"),
         ("replay.max_staleness=-1", "replay.max_staleness=-1: must be >= 0"),
-        ("replay.capacity=10", "replay.capacity=10: must be >= trainer.prompts_per_step * rollout.n_samples = 32"),
+        ("replay.capacity=10", "replay.capacity=10: must be >= max(1, replay.max_staleness) * trainer.prompts_per_step * rollout.n_samples = 32"),
         ("eval.max_prompts=0", "eval.max_prompts=0: must be >= 1"),
         ("learner.betas=[0.9]", "learner.betas=[0.9]: must be two numbers in [0, 1)"),
         ("rollout.n_samples=many", "rollout.n_samples: Value 'many' of type 'str' could not be converted to Integer"),

@@ -9,6 +9,7 @@ sandboxed programs at once.
 
 from __future__ import annotations
 
+import logging
 import threading
 from typing import Iterable, Iterator
 
@@ -28,7 +29,10 @@ class Grader:
 
         # a grader killed mid-run (this one's previous incarnation, or another run's) leaves its
         # sandbox directories and cgroups: the next one on the node removes them
-        sweep_leftovers()
+        try:
+            sweep_leftovers()
+        except Exception as e:  # noqa: BLE001 - cleaning up after others must never stop a grader
+            logging.getLogger(__name__).warning("sweeping sandbox leftovers failed: %s", e)
         self.task = cfg.build()
 
     def grade(self, example: TaskExample | Prompt, rollout: Rollout) -> Graded:

@@ -8,6 +8,7 @@ driver.
 
 from __future__ import annotations
 
+import threading
 from typing import Any, Sequence
 
 import ray
@@ -111,6 +112,11 @@ class LearnerGroup:
         self.world_size = cfg.world_size
         self.collective_timeout_s = cfg.collective_timeout_s
         self.name = name
+        # Every method is collective: each rank must run the calls in the same order. The driver
+        # calls from two threads (the main loop, and the producer when it resends weights to a
+        # restarted engine), so the calls to all ranks are submitted under one lock; Ray runs a
+        # caller's calls on an actor in submission order.
+        self._submit_lock = threading.RLock()
         actor_cls = ray.remote(LearnerActor)
         self.placement = self._place(cfg, setup_timeout_s)
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -144,19 +150,24 @@ class LearnerGroup:
 
         bundle = {"CPU": float(cfg.num_cpus), **({"GPU": float(cfg.num_gpus)} if cfg.num_gpus else {}),
                   **{k: float(v) for k, v in cfg.resources.items()}}
+        from ray.util.placement_group import remove_placement_group
+
         need = {k: v * cfg.world_size for k, v in bundle.items()}
         fits = any(all(node["Resources"].get(k, 0.0) >= v - 1e-9 for k, v in need.items())
                    for node in ray.nodes() if node.get("Alive"))
-        group = placement_group([bundle] * cfg.world_size, strategy="STRICT_PACK" if fits else "PACK")
-        try:
-            ray.get(group.ready(), timeout=timeout_s)
-        except ray.exceptions.GetTimeoutError:
-            from ray.util.placement_group import remove_placement_group
-
-            remove_placement_group(group)
-            raise TimeoutError(f"learner ranks: no room on the cluster for {cfg.world_size} x {bundle} within "
-                               f"{timeout_s:.0f} s (learner.num_cpus / num_gpus / resources)") from None
-        return group
+        # one node can hold them in all, but other actors may hold part of it already: STRICT_PACK
+        # gets a short wait, then PACK (as few nodes as possible) the rest of the deadline
+        attempts = [("STRICT_PACK", min(30.0, timeout_s))] if fits else []
+        attempts.append(("PACK", timeout_s))
+        for strategy, wait_s in attempts:
+            group = placement_group([bundle] * cfg.world_size, strategy=strategy)
+            try:
+                ray.get(group.ready(), timeout=wait_s)
+                return group
+            except ray.exceptions.GetTimeoutError:
+                remove_placement_group(group)
+        raise TimeoutError(f"learner ranks: no room on the cluster for {cfg.world_size} x {bundle} within "
+                           f"{timeout_s:.0f} s (learner.num_cpus / num_gpus / resources)")
 
     # --------------------------------------------------------------- collective calls
 
@@ -164,10 +175,16 @@ class LearnerGroup:
         """``method`` on every rank; past ``timeout_s`` (default: the collective timeout, after
         which a rank stuck in a collective has failed anyway, plus a margin) a clear error."""
         timeout_s = self.collective_timeout_s + 60.0 if timeout_s is None else timeout_s
+        refs = self._submit(method, [args] * len(self.actors))
         try:
-            return ray.get([getattr(a, method).remote(*args) for a in self.actors], timeout=timeout_s)
+            return ray.get(refs, timeout=timeout_s)
         except ray.exceptions.GetTimeoutError:
             raise TimeoutError(f"learner ranks: {method} did not finish within {timeout_s:.0f} s") from None
+
+    def _submit(self, method: str, args_per_rank: Sequence[tuple]) -> list:
+        """``method`` on each rank with its own arguments, submitted to all ranks at once."""
+        with self._submit_lock:
+            return [getattr(a, method).remote(*args) for a, args in zip(self.actors, args_per_rank)]
 
     def train_step(self, records: Sequence[Scored] | Sequence[ray.ObjectRef], *,
                    sizes: Sequence[int] | None = None, timeout_s: float | None = None) -> dict:
@@ -187,7 +204,7 @@ class LearnerGroup:
             keys = [str(i) for i in range(len(records))]
             shards = [[records[i] for i in idx] for idx in balanced_split(keys, list(sizes), self.world_size)]
         # A list argument is not resolved by Ray: the refs reach the rank as refs.
-        refs = [a.train_step.remote(shard) for a, shard in zip(self.actors, shards)]
+        refs = self._submit("train_step", [(shard,) for shard in shards])
         try:
             return ray.get(refs, timeout=timeout_s)[0]
         except ray.exceptions.GetTimeoutError:
@@ -202,9 +219,9 @@ class LearnerGroup:
         itself before its loss; here for inspection and tests."""
         records = list(records)
         shares = [list(range(rank, len(records), self.world_size)) for rank in range(self.world_size)]
-        results = ray.get([
-            a.score_teacher.remote([records[i] for i in share], None if at_ids is None else [at_ids[i] for i in share])
-            for a, share in zip(self.actors, shares)], timeout=self.collective_timeout_s)
+        results = ray.get(self._submit("score_teacher", [
+            ([records[i] for i in share], None if at_ids is None else [at_ids[i] for i in share]) for share in shares]),
+            timeout=self.collective_timeout_s)
         out: list[Scored] = [None] * len(records)  # type: ignore[list-item]
         for share, scored in zip(shares, results):
             for i, r in zip(share, scored):
@@ -225,7 +242,7 @@ class LearnerGroup:
         self._all("advance_ema", timeout_s=self.collective_timeout_s)
 
     def _rank0_ref(self, method: str, *args) -> ray.ObjectRef:
-        refs = [getattr(a, method).remote(*args) for a in self.actors]
+        refs = self._submit(method, [args] * len(self.actors))
         timeout_s = self.collective_timeout_s + 60.0
         try:
             ray.get(refs[1:], timeout=timeout_s)  # None from the others; waiting surfaces their errors
@@ -253,7 +270,7 @@ class LearnerGroup:
 
     def send_weights_refs(self, version: int, source: str = "policy") -> list:
         """Every rank's part of one broadcast of ``source`` to its engines (wait on all of them)."""
-        return [a.send_weights.remote(int(version), source) for a in self.actors]
+        return self._submit("send_weights", [(int(version), source)] * len(self.actors))
 
     def disconnect_engines(self, timeout_s: float = 60.0) -> None:
         self._all("disconnect_engines", timeout_s=timeout_s)

@@ -499,14 +499,26 @@ class LearnerWorker:
         if self.teacher_cfg is None:
             raise RuntimeError("score_teacher: this learner was built without a teacher section")
         records = list(records)
+        problem = None  # checked on every rank first: a rank that raised alone would leave the others waiting
         if at_ids is not None and len(at_ids) != len(records):
-            raise ValueError(f"at_ids has {len(at_ids)} entries for {len(records)} records")
+            problem = f"at_ids has {len(at_ids)} entries for {len(records)} records"
         todo = [i for i, r in enumerate(records) if r.distill_mask and len(r.teacher_prompt_ids) and len(r.response_ids)]
         missing = [r for r in records if r.distill_mask and len(r.response_ids) and not len(r.teacher_prompt_ids)]
         if missing:
             r = missing[0]
-            raise ValueError(f"record {r.prompt_uid!r}/{r.sample_index} has distill_mask but no teacher_prompt_ids: "
-                             "teacher.backend=learner needs the teacher actor's contexts")
+            problem = (f"record {r.prompt_uid!r}/{r.sample_index} has distill_mask but no teacher_prompt_ids: "
+                       "teacher.backend=learner needs the teacher actor's contexts")
+        if at_ids is not None and problem is None:
+            for i in todo:
+                if np.ndim(at_ids[i]) != 2 or np.shape(at_ids[i])[0] != len(records[i].response_ids):
+                    problem = f"at_ids[{i}] has shape {np.shape(at_ids[i])}, need [{len(records[i].response_ids)}, K]"
+                    break
+            if problem is None and len({np.shape(at_ids[i])[1] for i in todo}) > 1:
+                problem = "at_ids: every record needs the same number of ids per position"
+        failed = torch.tensor([int(problem is not None)], dtype=torch.long)
+        dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+        if int(failed):
+            raise ValueError(problem or "score_teacher: another rank's records were refused (see its error)")
         # the teacher's sequences: its context in place of the student's prompt, the same response
         views = [dataclasses.replace(records[i], prompt_ids=records[i].teacher_prompt_ids) for i in todo]
         position = {id(v): i for v, i in zip(views, todo)}

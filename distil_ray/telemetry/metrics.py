@@ -110,6 +110,13 @@ class MetricsLogger:
         return wandb_lib.init(project=project, mode=mode, config=config, dir=str(self.run_dir), name=name,
                               group=group, id=self.wandb_run_id(), resume="allow")
 
+    def rewind(self, step: int) -> None:
+        """Drop what was logged after ``step``, while the file is open (a resumed run, once its
+        checkpoint has loaded)."""
+        self._file.close()
+        self._rewind(int(step))
+        self._file = open(self.path, "a", encoding="utf-8")
+
     def _rewind(self, step: int) -> None:
         """Drop the lines logged after ``step`` (a run resumed from that step's checkpoint redoes
         them); the file is replaced whole, so a crash here leaves the old one."""

@@ -13,7 +13,7 @@ import pytest
 
 from distil_ray.feedback.sandbox import sweep_leftovers
 from distil_ray.feedback.sandbox.cgroup import _CGROUP_PREFIX, _cgroup_layout
-from distil_ray.feedback.sandbox.sweep import owner_pid
+from distil_ray.feedback.sandbox.sweep import owner_pid, owner_tag
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -53,9 +53,15 @@ def test_a_killed_callers_run_directory_and_cgroup_are_swept(tmp_path):
         caller.wait()
     assert _run_dirs_of(root, caller.pid), "the killed caller left its run directory"
 
-    live = tempfile.mkdtemp(prefix=f"distil-sandbox-{os.getpid()}-", dir=root)  # this process's own: kept
+    live = tempfile.mkdtemp(prefix=f"distil-sandbox-{owner_tag()}-", dir=root)  # this process's own: kept
     swept = sweep_leftovers(root)
     assert swept.run_dirs == 1 and not _run_dirs_of(root, caller.pid)
     assert os.path.isdir(live)
     assert swept.cgroups == len({os.path.basename(c) for c in cgroups}) and not _cgroups_of(caller.pid)
     assert sweep_leftovers(root).run_dirs == 0  # nothing left the second time
+    # a name from another PID namespace (another container sharing /tmp) is never touched, even
+    # when its pid means nothing here
+    foreign = tempfile.mkdtemp(prefix=f"distil-sandbox-1-{caller.pid}-", dir=root)
+    assert owner_pid(os.path.basename(foreign)) is None
+    sweep_leftovers(root)
+    assert os.path.isdir(foreign)

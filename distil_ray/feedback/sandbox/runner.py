@@ -18,7 +18,7 @@ import threading
 from typing import Any, Sequence
 
 from .cgroup import _CGROUP_PREFIX, _Cgroup
-from .sweep import RUN_DIR_PREFIX
+from .sweep import RUN_DIR_PREFIX, owner_tag
 from .host import _SYSTEM_DIRS, _fresh_uid, _Interpreter, _interpreter, _is_root
 from .limits import RUN_MARKER_VAR, Launch, ReportPipes, SandboxLimits, SandboxSettings, split_sandbox_options
 from .process import execute
@@ -138,7 +138,7 @@ class Sandbox:
         """The run's cgroup, or None and the warning for the result."""
         if not self.settings.use_cgroup:
             return None, "No cgroup limits this run (use_cgroup=False): " + _NO_CGROUP_EFFECT
-        cgroup, why = _Cgroup.create(f"{_CGROUP_PREFIX}{os.getpid()}-{run_id}", self.limits.cgroup_memory_bytes(),
+        cgroup, why = _Cgroup.create(f"{_CGROUP_PREFIX}{owner_tag()}-{run_id}", self.limits.cgroup_memory_bytes(),
                                      self.limits.cgroup_max_tasks())
         if cgroup is None:
             return None, _log_once(f"SANDBOX DEGRADED: no cgroup limits this run ({why}): {_NO_CGROUP_EFFECT}")
@@ -151,7 +151,7 @@ class Sandbox:
         flags = ["-I"] if self.settings.allow_site_packages else ["-I", "-S"]
         stdin_bytes = stdin.encode("utf-8") if isinstance(stdin, str) else bytes(stdin)
         # the caller's pid in the names: what a later caller sweeps if this one is killed (sweep.py)
-        run_dir = tempfile.mkdtemp(prefix=f"{RUN_DIR_PREFIX}{os.getpid()}-", dir=self.settings.tmp_root)
+        run_dir = tempfile.mkdtemp(prefix=f"{RUN_DIR_PREFIX}{owner_tag()}-", dir=self.settings.tmp_root)
         run_id = secrets.token_hex(8)
         cgroup = pipes = None
         try:

@@ -22,7 +22,22 @@ from .cgroup import _CGROUP_PREFIX, _Cgroup, _cgroup_layout
 log = logging.getLogger(__package__)
 
 RUN_DIR_PREFIX = "distil-sandbox-"
-_OWNED = re.compile(r"distil-sandbox-(\d+)-")
+# distil-sandbox-<pid namespace>-<pid>-...: a pid means something only in its own namespace
+# (containers may share a /tmp or a cgroup parent), so only names of this one are swept
+_OWNED = re.compile(r"distil-sandbox-(\d+)-(\d+)-")
+
+
+def pid_namespace() -> int:
+    """This process's PID namespace (the inode of /proc/self/ns/pid; 0 where it cannot be read)."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return 0
+
+
+def owner_tag() -> str:
+    """What a run's directory and cgroup names start with after the prefix: namespace and pid."""
+    return f"{pid_namespace()}-{os.getpid()}"
 
 
 @dataclass
@@ -32,9 +47,12 @@ class Swept:
 
 
 def owner_pid(name: str) -> int | None:
-    """The calling process's pid in a run directory's or cgroup's name (None for other names)."""
+    """The calling process's pid in a run directory's or cgroup's name; None for other names and
+    for callers in another PID namespace."""
     m = _OWNED.match(name)
-    return int(m.group(1)) if m else None
+    if not m or int(m.group(1)) != pid_namespace():
+        return None
+    return int(m.group(2))
 
 
 def _alive(pid: int) -> bool:
@@ -69,7 +87,7 @@ def sweep_leftovers(tmp_root: str | None = None) -> Swept:
             continue
         if mine and _orphaned(name) and os.path.isdir(path):
             shutil.rmtree(path, ignore_errors=True)
-            swept.run_dirs += 1
+            swept.run_dirs += not os.path.exists(path)
     layout = _cgroup_layout()
     if not isinstance(layout, str):
         version, parents = layout
@@ -83,9 +101,16 @@ def sweep_leftovers(tmp_root: str | None = None) -> Swept:
             if not _orphaned(name):
                 continue
             cgroup = _Cgroup(version, 0)
-            cgroup.dirs = [os.path.join(p, name) for p in parents if os.path.isdir(os.path.join(p, name))]
-            cgroup.kill(timeout_s=5.0)  # a program still running from the dead caller's run
-            cgroup.remove()
+            cgroup.dirs = [os.path.join(p, name) for p in parents
+                           if os.path.isdir(os.path.join(p, name)) and os.stat(os.path.join(p, name)).st_uid == os.geteuid()]
+            if not cgroup.dirs:  # gone already (another grader swept it), or not this user's
+                continue
+            try:
+                cgroup.kill(timeout_s=5.0)  # a program still running from the dead caller's run
+                cgroup.remove()
+            except (OSError, IndexError) as e:  # raced with another sweeper: never fail a grader's start
+                log.warning("could not sweep sandbox cgroup %s: %s", name, e)
+                continue
             swept.cgroups += 1
     if swept.run_dirs or swept.cgroups:
         log.warning("swept %d run directories and %d cgroups left by sandbox callers that were killed",
