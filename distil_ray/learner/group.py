@@ -177,9 +177,27 @@ class LearnerGroup:
         timeout_s = self.collective_timeout_s + 60.0 if timeout_s is None else timeout_s
         refs = self._submit(method, [args] * len(self.actors))
         try:
-            return ray.get(refs, timeout=timeout_s)
+            return self._get(refs, timeout_s)
         except ray.exceptions.GetTimeoutError:
             raise TimeoutError(f"learner ranks: {method} did not finish within {timeout_s:.0f} s") from None
+
+    @staticmethod
+    def _get(refs: list, timeout_s: float | None):
+        """``ray.get(refs)``; when a rank died, its death is the error raised, not a surviving
+        rank's failed collective (which fails because its peer is gone)."""
+        try:
+            return ray.get(refs, timeout=timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            raise
+        except Exception as first:
+            for ref in refs:
+                try:
+                    ray.get(ref, timeout=10)
+                except ray.exceptions.RayActorError as dead:
+                    raise dead from first
+                except Exception:  # noqa: BLE001 - another rank's own failure: keep looking
+                    pass
+            raise
 
     def _submit(self, method: str, args_per_rank: Sequence[tuple]) -> list:
         """``method`` on each rank with its own arguments, submitted to all ranks at once."""
@@ -206,7 +224,7 @@ class LearnerGroup:
         # A list argument is not resolved by Ray: the refs reach the rank as refs.
         refs = self._submit("train_step", [(shard,) for shard in shards])
         try:
-            return ray.get(refs, timeout=timeout_s)[0]
+            return self._get(refs, timeout_s)[0]
         except ray.exceptions.GetTimeoutError:
             _, late = ray.wait(refs, num_returns=len(refs), timeout=0)
             names = [f"{self.name}-{refs.index(r)}" for r in late]
