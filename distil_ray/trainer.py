@@ -637,6 +637,10 @@ class Trainer:
         domains = [p.meta.get("domain") for p in prompts]
         metrics = aggregate_grades(grades, groups=domains if all(domains) else None)
         metrics = {f"val/{k}": v for k, v in metrics.items()}
+        # a task may add metrics of its own over the graded samples (e.g. which answer format was chosen)
+        task_metrics = getattr(self.task, "eval_metrics", None)
+        if callable(task_metrics):
+            metrics.update({f"val/task/{k}": v for k, v in task_metrics(grades).items()})
         metrics["time/eval_s"] = time.perf_counter() - t0
         if self.cfg.eval.keep_best and metrics["val/accuracy"] > self.best.get("val/best_accuracy", -1.0):
             self.best = {"val/best_accuracy": metrics["val/accuracy"], "val/best_step": float(self.step)}

@@ -29,6 +29,9 @@ class RepromptConfig:
     solution_template: str = "\nCorrect solution:\n\n{successful_previous_attempt}"
     feedback_template: str = "\nThe following is feedback from your unsuccessful earlier attempt:\n\n{feedback_raw}"
     include_environment_feedback: bool = True
+    # a successful sibling's answer in the context; False: feedback-only contexts (where a sibling's
+    # answer would give away what the feedback is meant to teach, e.g. the two-formats task's format)
+    include_solution: bool = True
     feedback_only_without_solution: bool = True  # SDPO's default: a sibling's solution beats raw feedback
     dont_reprompt_on_self_success: bool = True  # a sample is never its own demonstration
     strip_thinking: bool = True
@@ -99,7 +102,8 @@ def reprompt_group(
     contexts = []
     for i in range(len(responses)):
         # the first successful sibling: deterministic, and rollouts are exchangeable, so it is a random one
-        donors = [j for j in successes if not (cfg.dont_reprompt_on_self_success and j == i)]
+        donors = [j for j in successes if cfg.include_solution
+                  and not (cfg.dont_reprompt_on_self_success and j == i)]
         solution = responses[donors[0]] if donors else None
         if solution is not None and cfg.strip_thinking:
             solution = strip_thinking(solution)

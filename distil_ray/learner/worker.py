@@ -527,7 +527,8 @@ class LearnerWorker:
                  else micro_batches(views, self.cfg.micro_batch_size, split_large_groups=True)) if views else []
         n_micro_t = torch.tensor([len(parts)], dtype=torch.long)
         dist.all_reduce(n_micro_t, op=dist.ReduceOp.MAX)
-        k = int(self.teacher_cfg.topk)
+        # a top-k beyond the vocabulary is the whole vocabulary (teacher.topk=1000000: "all")
+        k = min(int(self.teacher_cfg.topk), int(self.model.config.vocab_size))
         out = list(records)
         was_training = self.model.training
         self.model.eval()

@@ -32,6 +32,7 @@ TASKS: dict[str, str | type] = {
     "math": "distil_ray.tasks.math:MathTask",
     "livecodebench": "distil_ray.tasks.livecodebench:LiveCodeBenchTask",
     "toy": "distil_ray.tasks.toy:ToyTask",
+    "two_formats": "distil_ray.tasks.two_formats:TwoFormatsTask",
 }
 
 

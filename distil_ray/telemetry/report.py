@@ -3,6 +3,7 @@ and the validation curve.
 
     python -m distil_ray.telemetry.report outputs/2026-11-27/02-20-16 [more run dirs...]
     python -m distil_ray.telemetry.report multirun/2026-11-27/02-20-16     # a sweep: every job in it
+    python -m distil_ray.telemetry.report RUN_DIR [RUN_DIR...] --plot runs.png   # and a figure of them
 
 Each run is labelled by its command-line overrides (Hydra's ``.hydra/overrides.yaml``), the ones
 shared by every run shown left out, so a sweep's jobs read as what differs between them.
@@ -99,10 +100,21 @@ def report(run_dir: Path, label: str | None = None) -> str:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dirs", nargs="+", type=Path)
+    parser.add_argument("--plot", type=Path, metavar="OUT.png",
+                        help="also draw the runs, overlaid and labelled by their overrides, into this PNG")
     args = parser.parse_args(argv)
-    runs = [run for path in args.run_dirs for run in find_runs(path)]
-    for run_dir, label in zip(runs, labels(runs)):
+    try:
+        runs = [run for path in args.run_dirs for run in find_runs(path)]
+    except FileNotFoundError as e:
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
+    names = labels(runs)
+    for run_dir, label in zip(runs, names):
         print(report(run_dir, label))
+    if args.plot is not None:
+        from distil_ray.telemetry.plots import plot_runs
+
+        out = plot_runs([(label, read_metrics(r)) for r, label in zip(runs, names)], args.plot)
+        print(f"figure: {out}")
 
 
 if __name__ == "__main__":
