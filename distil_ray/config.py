@@ -250,6 +250,14 @@ class ModelConfig(Section):
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
     dtype: str = "float32"  # float32 | bfloat16
     tokenizer: Optional[str] = None  # None: the model's own
+    # The chat template's thinking switch (Qwen3: false gives an empty <think></think> block), for the
+    # student's prompts and the teacher's contexts alike (SDPO runs Qwen3 with false for both);
+    # None: the template's own default
+    enable_thinking: Optional[bool] = None
+
+    def chat_template_kwargs(self) -> Dict[str, Any]:
+        """What every ``apply_chat_template`` of the run is given besides the messages."""
+        return {} if self.enable_thinking is None else {"enable_thinking": bool(self.enable_thinking)}
 
     def check_values(self) -> None:
         if self.path is None:
@@ -449,6 +457,9 @@ class TeacherConfig(Section):
         # the teacher's weights: current (the policy, synced each step) | ema (a moving average of
         # the policy, SDPO's teacher_update_rate) | fixed (the initial policy, OPSD's --fixed_teacher)
         "update": ("current", "ema", "fixed"),
+        # the ids a distillation loss compares student and teacher at: the teacher's own top-k, or
+        # the student's (SDPO's; the teacher is then scored at those ids: needs backend=learner)
+        "support": ("teacher", "student"),
     }
 
     backend: str = "vllm"  # vllm | hf | http | learner
@@ -462,6 +473,10 @@ class TeacherConfig(Section):
     # None: the model's max_position_embeddings
     max_context_tokens: Optional[int] = None
     update: str = "current"
+    support: str = "teacher"
+    # the teacher's logits divided by this before its log-probs (OPSD: 1.1 for student and teacher);
+    # None: 1, what an engine's prompt log-probs are (vLLM ignores a sampling temperature there)
+    temperature: Optional[float] = None
     # with update=ema: θ_T ← (1 − rate)·θ_T + rate·θ at each sync (kept on the learner ranks)
     ema_rate: float = 0.05
     # vLLM backend: as rollout.max_model_len / rollout.enforce_eager (None: the model's limit; eager
@@ -485,6 +500,14 @@ class TeacherConfig(Section):
                                   "teacher.backend=http needs teacher.update=fixed")
             self.http.check_values()
         self.at_least("topk", 1)
+        self.positive("temperature", optional=True)
+        if self.backend != "learner":
+            if self.support == "student":
+                raise ConfigError("teacher.support=student: the teacher must be scored at the student's own ids, "
+                                  "which only the learner ranks can do; use teacher.backend=learner")
+            if self.temperature not in (None, 1.0):
+                raise ConfigError(f"teacher.temperature={self.temperature}: an engine teacher's prompt log-probs "
+                                  "are at temperature 1; scaling them needs teacher.backend=learner")
         self.positive("num_cpus")
         self.at_least("num_gpus", 0.0)
         self.positive("kv_cache_memory_bytes")

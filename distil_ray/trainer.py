@@ -359,8 +359,9 @@ class Trainer:
             raise ConfigError(f"task {cfg.task.name!r}: {e}") from None
         if cfg.eval.max_prompts is not None:
             val = val[: cfg.eval.max_prompts]
-        self.train_prompts = self._within_length(to_prompts(train, tokenizer), "train")
-        self.val_prompts = self._within_length(to_prompts(val, tokenizer), "validation")
+        template = cfg.model.chat_template_kwargs()
+        self.train_prompts = self._within_length(to_prompts(train, tokenizer, template), "train")
+        self.val_prompts = self._within_length(to_prompts(val, tokenizer, template), "validation")
         self.stream = PromptStream(self.train_prompts, cfg.trainer.prompts_per_step, seed=cfg.seed)
         log.info("%d train prompts, %d validation prompts", len(self.train_prompts), len(self.val_prompts))
 
@@ -404,7 +405,8 @@ class Trainer:
                                        resources=dict(cfg.teacher.resources) or None,
                                        max_restarts=restarts)(TeacherActor)
             follows = transfer if cfg.teacher.follows_policy else {}  # the policy, or its average
-            self.teacher = teacher_actor.options(name="teacher").remote(model_dir, cfg.teacher, **run, **follows)
+            self.teacher = teacher_actor.options(name="teacher").remote(
+                model_dir, cfg.teacher, **run, **follows, chat_template_kwargs=cfg.model.chat_template_kwargs())
         self.replay = ray.remote(num_cpus=0)(ReplayQueue).options(name="replay").remote(cfg.replay)
         # the learner scores the sampled tokens at the temperature they were sampled at
         # an EMA teacher's weights are a moving average the learner ranks keep of their own

@@ -20,7 +20,7 @@ import torch
 
 from distil_ray.algorithms.advantages import BASELINES, credit_baseline, future_returns
 
-LOSS_AGG_MODES = ("token-mean", "seq-sum", "seq-mean-token-mean")
+LOSS_AGG_MODES = ("token-mean", "seq-sum", "seq-mean-token-mean", "seq-mean-token-mean-all")
 TOPK_NORMS = ("renorm", "tail")
 _LOG_RATIO_CLAMP = 20.0  # keeps exp(log-ratio) finite for wildly stale samples
 
@@ -39,8 +39,11 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str, denominato
     * ``token-mean``: Σ over all response tokens / number of response tokens
     * ``seq-sum``: Σ over each sequence's tokens, mean over sequences (one sequence: its sum)
     * ``seq-mean-token-mean``: per-sequence token mean, then mean over sequences
+    * ``seq-mean-token-mean-all``: the same, but every row counts, those without a loss token (a
+      sample the teacher had no signal for) as 0 — SDPO's loss as it runs (one sequence per
+      micro-batch, each a token mean, scaled by 1/number of sequences)
 
-    Sequences with no response token do not count. ``denominator`` overrides the count
+    Otherwise sequences with no loss token do not count. ``denominator`` overrides the count
     (tokens or sequences) so that micro-batches of one global batch can share it.
     """
     _check_choice("loss_agg", mode, LOSS_AGG_MODES)
@@ -51,7 +54,10 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str, denominato
         count = m.sum() if denominator is None else denominator
         return x.sum() / torch.as_tensor(count, dtype=x.dtype).clamp(min=1)
     tokens_per_seq = m.sum(-1)
-    n_seq = (tokens_per_seq > 0).sum() if denominator is None else denominator
+    if denominator is not None:
+        n_seq = denominator
+    else:
+        n_seq = m.shape[0] if mode == "seq-mean-token-mean-all" else (tokens_per_seq > 0).sum()
     n_seq = torch.as_tensor(n_seq, dtype=x.dtype).clamp(min=1)
     if mode == "seq-sum":
         return x.sum() / n_seq
@@ -319,11 +325,13 @@ def opsd_loss(
     *,
     beta: float = 0.5,
     token_clip: float | None = None,
+    loss_agg: str = "token-mean",
     entropy: torch.Tensor | None = None,
     denominator=None,
 ):
     """OPSD: generalised JSD(β) over the teacher's top-K, both renormalised over the K ids;
-    summed over tokens and divided by their count. ``token_clip`` caps each token's divergence
+    aggregated by ``loss_agg`` (token-mean: summed over tokens and divided by their count; OPSD as
+    it runs, one sequence per micro-batch: seq-mean-token-mean). ``token_clip`` caps each token's divergence
     (keeps a few stylistic tokens from dominating). ``token_logprobs`` is unused (kept for a
     uniform signature)."""
     del token_logprobs
@@ -334,7 +342,7 @@ def opsd_loss(
     if token_clip is not None:
         clipped = per_token.detach() > token_clip
         per_token = per_token.clamp(max=token_clip)
-    loss = aggregate(per_token, mask, "token-mean", denominator)
+    loss = aggregate(per_token, mask, loss_agg, denominator)
     metrics = {"opsd/divergence": _masked_mean(per_token, mask)}
     metrics.update(_common_metrics("opsd", mask, entropy, clipped))
     return loss, metrics

@@ -31,7 +31,7 @@ import random
 import shutil
 import socket
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -160,6 +160,8 @@ class LearnerWorker:
         # The global denominator follows the loss's aggregation: tokens for token-mean, sequences
         # (with at least one loss token) for the per-sequence modes.
         self.per_token_denominator = self.loss_kwargs.get("loss_agg", "token-mean") == "token-mean"
+        # SDPO's as-run mean: the samples without teacher signal count in the denominator too
+        self.counts_unsignalled = self.loss_kwargs.get("loss_agg") == "seq-mean-token-mean-all"
         # The leave-one-out baseline compares siblings: without a token budget groups stay whole in
         # one micro-batch; with one they are split and the baseline is computed over the group first.
         self.whole_groups = self.loss_kwargs.get("baseline", "none") == "group"
@@ -255,10 +257,14 @@ class LearnerWorker:
             adv = group_relative_advantages([float(r.reward) for r in records], gids, **self.advantage_kwargs)
             advantages = {id(r): float(a) for r, a in zip(records, adv)}
         distill_only = algo.needs_teacher
-        # Records without loss tokens change neither the loss nor its denominator: skip the compute.
+        n_responses = sum(1 for r in records if len(r.response_ids))  # with or without a teacher signal
+        # Records without loss tokens add nothing to the loss (nor, but with *-all, to its
+        # denominator): skip their compute.
         records = [r for r in records if len(r.response_ids) and (not distill_only or r.distill_mask)]
-        if self.teacher_cfg is not None and algo.needs_teacher:
-            records = self.score_teacher(records)  # teacher.backend=learner: the teacher runs here
+        if self.teacher_cfg is not None and algo.needs_teacher:  # teacher.backend=learner: the teacher runs here
+            # teacher.support=student: the teacher is scored at the policy's own top-k (SDPO's support)
+            at = self.student_topk_ids(records) if self.teacher_cfg.support == "student" else None
+            records = self.score_teacher(records, at_ids=at)
         topk = self._topk(records) if algo.needs_teacher else None
         parts = self._micro_batch_records(records)
         # Collective bookkeeping is CPU tensors: see process_group_backend.
@@ -281,8 +287,8 @@ class LearnerWorker:
         # positions the forward computes: every padded one, or (packed) the real tokens only
         computed = real if self.cfg.packed_sequences else [b.input_ids.numel() for b, _ in batches]
         counts = torch.tensor([sum(b.num_loss_tokens for b, _ in batches),
-                               sum(b.num_loss_sequences for b, _ in batches), sum(computed), sum(real)],
-                              dtype=torch.float64)
+                               sum(b.num_loss_sequences for b, _ in batches), sum(computed), sum(real),
+                               n_responses], dtype=torch.float64)
         dist.all_reduce(counts)
         largest = torch.tensor([max(computed, default=0)], dtype=torch.long)
         dist.all_reduce(largest, op=dist.ReduceOp.MAX)
@@ -291,6 +297,8 @@ class LearnerWorker:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         denominator = global_tokens if self.per_token_denominator else global_seqs
+        if self.counts_unsignalled:
+            denominator = float(counts[4])
 
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
@@ -481,8 +489,12 @@ class LearnerWorker:
 
     # ------------------------------------------------------------------ the teacher on the learner
 
-    # vLLM's prompt log-probs (what an engine teacher returns) are those of the raw logits: T = 1
-    TEACHER_TEMPERATURE = 1.0
+    @property
+    def teacher_temperature(self) -> float:
+        """``teacher.temperature``; None is 1 — an engine teacher's (vLLM's prompt log-probs are
+        those of the raw logits), so both backends score alike by default."""
+        t = self.teacher_cfg.temperature if self.teacher_cfg is not None else None
+        return 1.0 if t is None else float(t)
 
     def score_teacher(self, records: Sequence[Scored], at_ids: Sequence[np.ndarray] | None = None) -> list[Scored]:
         """The teacher's log-probs for ``records``, computed on these ranks (collective).
@@ -521,19 +533,47 @@ class LearnerWorker:
             raise ValueError(problem or "score_teacher: another rank's records were refused (see its error)")
         # the teacher's sequences: its context in place of the student's prompt, the same response
         views = [dataclasses.replace(records[i], prompt_ids=records[i].teacher_prompt_ids) for i in todo]
-        position = {id(v): i for v, i in zip(views, todo)}
+        scores = self._score_sequences(views, None if at_ids is None else [at_ids[i] for i in todo],
+                                       self._topk_size(), self.teacher_temperature, self._teacher_weights())
+        out = list(records)
+        for i, (token_lp, top_ids, top_lp) in zip(todo, scores):
+            out[i] = dataclasses.replace(records[i], teacher_topk_ids=top_ids.numpy().astype(np.int32),
+                                         teacher_topk_logprobs=top_lp.float().numpy(),
+                                         teacher_token_logprobs=token_lp.float().numpy())
+        return out
+
+    def student_topk_ids(self, records: Sequence[Scored]) -> list[np.ndarray]:
+        """The current policy's own top-``teacher.topk`` ids at every response position of each
+        record (on its own prompt, at the learner's temperature; collective): the support SDPO
+        distils over (``teacher.support=student``). Records without a signal get ``[T, 0]``."""
+        todo = [i for i, r in enumerate(records) if r.distill_mask and len(r.response_ids)]
+        scores = self._score_sequences([records[i] for i in todo], None, self._topk_size(), self.temperature,
+                                       nullcontext())
+        out = [np.zeros((len(r.response_ids), 0), np.int32) for r in records]
+        for i, (_, top_ids, _) in zip(todo, scores):
+            out[i] = top_ids.numpy().astype(np.int32)
+        return out
+
+    def _topk_size(self) -> int:
+        # a top-k beyond the vocabulary is the whole vocabulary (teacher.topk=1000000: "all")
+        return min(int(self.teacher_cfg.topk), int(self.model.config.vocab_size))
+
+    def _score_sequences(self, views: Sequence[Scored], at_ids, k: int, temperature: float, weights):
+        """No-grad forwards over ``views`` under ``weights`` (a context manager), packed and
+        micro-batched like training, every rank the same number of forwards: per view, (token
+        log-probs, ids, log-probs) at its response columns — its top-``k``, or the log-probs at
+        ``at_ids[j]``."""
+        position = {id(v): j for j, v in enumerate(views)}
         budget = self.cfg.max_tokens_per_micro_batch
         parts = (token_budget_micro_batches(views, budget, self.cfg.micro_batch_size) if budget is not None
                  else micro_batches(views, self.cfg.micro_batch_size, split_large_groups=True)) if views else []
         n_micro_t = torch.tensor([len(parts)], dtype=torch.long)
         dist.all_reduce(n_micro_t, op=dist.ReduceOp.MAX)
-        # a top-k beyond the vocabulary is the whole vocabulary (teacher.topk=1000000: "all")
-        k = min(int(self.teacher_cfg.topk), int(self.model.config.vocab_size))
-        out = list(records)
+        out: list = [None] * len(views)
         was_training = self.model.training
         self.model.eval()
         try:
-            with self._teacher_weights():
+            with weights:
                 for m in range(int(n_micro_t)):
                     if m >= len(parts):
                         self._inference(self._idle_loss)
@@ -544,25 +584,21 @@ class LearnerWorker:
                     if at_ids is not None:
                         ids = at_response_columns_ids([at_ids[position[id(v)]] for v in part], part,
                                                       batch.input_ids.shape[1]).to(self.device)
-                    scores = self._inference(self._teacher_forward, batch, ids, 0 if ids is not None else k)
+                    scores = self._inference(self._teacher_forward, batch, ids, 0 if ids is not None else k,
+                                             temperature)
                     width = batch.input_ids.shape[1]
                     for row, v in enumerate(part):
                         cols = slice(width - len(v.response_ids), width)
-                        token_lp, top_ids, top_lp = (None if t is None else t[row, cols].cpu() for t in scores)
-                        out[position[id(v)]] = dataclasses.replace(
-                            records[position[id(v)]],
-                            teacher_topk_ids=top_ids.numpy().astype(np.int32),
-                            teacher_topk_logprobs=top_lp.float().numpy(),
-                            teacher_token_logprobs=token_lp.float().numpy())
+                        out[position[id(v)]] = tuple(None if t is None else t[row, cols].cpu() for t in scores)
         finally:
             self.model.train(was_training)
         return out
 
-    def _teacher_forward(self, policy, batch: Batch, ids: torch.Tensor | None, own_topk: int):
-        """(token log-probs, top-k ids, top-k log-probs) at the response columns: the teacher's own
+    def _teacher_forward(self, policy, batch: Batch, ids: torch.Tensor | None, own_topk: int, temperature: float):
+        """(token log-probs, top-k ids, top-k log-probs) at the response columns: the model's own
         top-``own_topk``, or the log-probs at ``ids``."""
         out = response_logprobs(policy, batch.input_ids, batch.attention_mask, batch.response_mask, ids,
-                                temperature=self.TEACHER_TEMPERATURE, chunk_size=self.cfg.logprob_chunk_size,
+                                temperature=temperature, chunk_size=self.cfg.logprob_chunk_size,
                                 packed=self.cfg.packed_sequences, own_topk=own_topk)
         if ids is not None:
             return out.token_logprobs, ids, out.topk_logprobs

@@ -27,11 +27,13 @@ def check_examples(examples: Sequence[TaskExample], split: str) -> list[TaskExam
     return examples
 
 
-def to_prompts(examples: Sequence[TaskExample], tokenizer) -> list[Prompt]:
-    """Chat-template each example once; the token ids travel from here on, never the text."""
+def to_prompts(examples: Sequence[TaskExample], tokenizer, chat_template_kwargs: dict | None = None) -> list[Prompt]:
+    """Chat-template each example once; the token ids travel from here on, never the text.
+    ``chat_template_kwargs``: e.g. ``{"enable_thinking": False}`` (``model.enable_thinking``)."""
     prompts = []
     for ex in examples:
-        ids = tokenizer.apply_chat_template(ex.messages, add_generation_prompt=True, return_dict=False)
+        ids = tokenizer.apply_chat_template(ex.messages, add_generation_prompt=True, return_dict=False,
+                                            **(chat_template_kwargs or {}))
         prompts.append(Prompt(ex, np.asarray(ids, dtype=np.int32)))
     return prompts
 

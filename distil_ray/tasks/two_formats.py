@@ -204,12 +204,13 @@ class TwoFormatsTask:
     ) -> list[tuple[list[dict[str, str]], str]]:
         """``n`` supervised ``(messages, target_text)`` pairs over training prompts.
 
-        Every target's format letter is drawn 50/50, independently of the context. A plain prompt's
-        digits are what the model knows (``_guess``). The ``context_fraction`` of teacher contexts
-        state fresh random "format-A" digits — in the feedback of a simulated attempt, built by
-        ``reprompt_group`` as training builds it, or (``reference_fraction`` of them) as a format-A
-        reference solution in OPSD's context — and a target in format A copies them; one in format
-        B is the plain guess, because the context says nothing about B.
+        A plain prompt's target has its format letter drawn 50/50 and the digits the model knows
+        (``_guess``). The ``context_fraction`` of teacher contexts state fresh random "format-A"
+        digits. Most are the feedback on a simulated attempt, built by ``reprompt_group`` as training
+        builds it: the target's format is again 50/50, independent of the context, its digits
+        copied from the feedback after an A and the plain guess after a B (the feedback says nothing
+        about B). The ``reference_fraction`` of them is a format-A reference solution in OPSD's
+        context, and the target is that answer.
         """
         if not 0.0 <= context_fraction <= 1.0:
             raise ValueError(f"context_fraction={context_fraction}: must lie in [0, 1]")
@@ -226,7 +227,9 @@ class TwoFormatsTask:
             stated = "".join(rng.choice(DIGITS) for _ in symbols)
             target = "A" + stated if fmt == "A" else "B" + self._guess(symbols, "B", rng)
             if rng.random() < self.cfg.reference_fraction:
-                context = reference_solution_context(messages, "A" + stated)
+                # a reference solution is an answer: the teacher that reads it copies it, format
+                # letter included (it is *not* indifferent at the format: OPSD is told the format)
+                context, target = reference_solution_context(messages, "A" + stated), "A" + stated
             else:
                 attempt_fmt = rng.choice(FORMATS)
                 attempt = attempt_fmt + (stated if rng.random() < 0.2 else self._guess(symbols, attempt_fmt, rng))

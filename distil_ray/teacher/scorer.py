@@ -30,12 +30,14 @@ from distil_ray.records import Graded, Prompt, Scored
 
 class TeacherScorer(EngineHolder):
     def __init__(self, model_path: str, cfg: TeacherConfig, *, dtype: str = "float32", seed: int = 0,
-                 weight_transfer: str | None = None):
+                 weight_transfer: str | None = None, chat_template_kwargs: dict | None = None):
         """``cfg``: the ``teacher`` section (backend, context, top-k, how its weights follow the
         policy); ``dtype``/``seed``: the model's compute dtype and the run's seed;
-        ``weight_transfer``: as for the rollout workers (a teacher that follows the policy)."""
+        ``weight_transfer``: as for the rollout workers (a teacher that follows the policy);
+        ``chat_template_kwargs``: as the student's prompts got them (``model.enable_thinking``)."""
         cfg.check()
         self.cfg = cfg
+        self.chat_template_kwargs = dict(chat_template_kwargs or {})
         self.model_path = model_path
         from transformers import AutoTokenizer
 
@@ -91,7 +93,8 @@ class TeacherScorer(EngineHolder):
         )
 
     def teacher_prompt_ids(self, ctx: TeacherContext) -> list[int]:
-        ids = self.tokenizer.apply_chat_template(ctx.messages, add_generation_prompt=True, return_dict=False)
+        ids = self.tokenizer.apply_chat_template(ctx.messages, add_generation_prompt=True, return_dict=False,
+                                                 **self.chat_template_kwargs)
         return [int(t) for t in ids]
 
     def score_group(self, prompt: Prompt, *graded: Graded | list[Graded]) -> list[Scored]:

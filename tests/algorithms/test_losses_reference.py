@@ -204,6 +204,28 @@ def test_distil_value_matches_reference(loss_agg, norm):
     assert metrics["distil/kl"] <= metrics["distil/ce"]
 
 
+def test_sdpo_as_run_counts_the_samples_without_signal_by_hand():
+    """SDPO as it runs: one sequence per micro-batch, each a token mean, the sum scaled by 1/N over
+    all N samples — a sample the teacher had no signal for is a 0 in the mean, not left out."""
+    x = torch.tensor([[1.0, 2.0, 3.0, 9.0], [4.0, 8.0, 9.0, 9.0], [7.0, 7.0, 7.0, 7.0]], dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [0, 0, 0, 0]])  # row 3: no teacher signal
+    as_run = ((1 + 2 + 3) / 3 + (4 + 8) / 2 + 0.0) / 3
+    assert float(aggregate(x, mask, "seq-mean-token-mean-all")) == pytest.approx(as_run, rel=1e-15)
+    assert float(aggregate(x, mask, "seq-mean-token-mean")) == pytest.approx(as_run * 3 / 2, rel=1e-15)
+    # the learner's global count of samples (micro-batches of one batch share it)
+    assert float(aggregate(x[:1], mask[:1], "seq-mean-token-mean-all", denominator=3)) == pytest.approx(2 / 3)
+    # on the SDPO loss, with its IS ratio, against the float64 reference of each position
+    batch = random_batch(5)
+    batch["mask"][1] = 0  # a sample without signal
+    dists = per_position(batch, "tail")
+    ref = [[np_gjsd(*dists[b][t], 0.5) * np_ratio(batch, b, t, 2.0) for t in range(T)] for b in range(B)]
+    rows = [[ref[b][t] for t in range(T) if batch["mask"][b, t]] for b in range(B)]
+    expected = sum(sum(r) / len(r) for r in rows if r) / B
+    loss, _ = sdpo_loss(*loss_args(batch), alpha=0.5, topk_norm="tail", loss_agg="seq-mean-token-mean-all",
+                        behaviour_logprobs=batch["behaviour"], is_clip=2.0)
+    assert float(loss) == pytest.approx(expected, rel=1e-12)
+
+
 def test_seq_sum_of_one_sequence_is_its_sum():
     x = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
     mask = torch.tensor([[1, 1, 1, 0]])

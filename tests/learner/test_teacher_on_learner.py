@@ -178,3 +178,68 @@ def test_records_without_a_context_are_refused(setup):
             worker.score_teacher(bare)
     finally:
         worker.close()
+
+
+def float64_full_logprobs(model, prompt, response, temperature=1.0):
+    """log softmax(logits / T) at each response position, from a plain float64 forward."""
+    seq = torch.tensor([list(prompt) + list(response)])
+    with torch.no_grad():
+        logits = copy.deepcopy(model).double().eval()(seq).logits[0]
+    return torch.log_softmax(logits[len(prompt) - 1:-1] / temperature, -1)
+
+
+def test_student_support_scores_the_teacher_at_the_policys_own_top_k(setup):
+    """teacher.support=student (SDPO): the ids are the student's top-k on its own prompt, the
+    teacher's log-probs are taken at exactly those ids on its context."""
+    path, model, records = setup
+    cfg = LearnerConfig(world_size=1, micro_batch_size=2)
+    teacher = TeacherConfig(backend="learner", topk=K, support="student")
+    worker = LearnerWorker(str(path), cfg, AlgorithmConfig("sdpo"), Rendezvous(0, 1, "127.0.0.1", free_port()),
+                           teacher=teacher, temperature=1.0)
+    try:
+        ids = worker.student_topk_ids(unscored(records))
+        scored = worker.score_teacher(unscored(records), at_ids=ids)
+        metrics = worker.train_step(unscored(records))
+    finally:
+        worker.close()
+    for r, own, s in zip(records, ids, scored):
+        if not r.distill_mask:
+            assert own.shape == (len(r.response_ids), 0)
+            continue
+        student = float64_full_logprobs(model, r.prompt_ids.tolist(), r.response_ids.tolist())
+        top = student.topk(K, -1)
+        # ids may only differ where two log-probs tie within float32 rounding
+        assert (own != top.indices.numpy()).sum() <= 2
+        np.testing.assert_array_equal(s.teacher_topk_ids, own)
+        want, _ = float64_logprobs(model, r.teacher_prompt_ids.tolist(), r.response_ids.tolist(), own)
+        np.testing.assert_allclose(s.teacher_topk_logprobs, want, rtol=0, atol=2e-5)
+    assert np.isfinite(metrics["loss"]) and metrics["sdpo/num_tokens"] > 0
+
+
+def test_teacher_temperature_scales_the_teachers_logits(setup):
+    path, model, records = setup
+    cfg = LearnerConfig(world_size=1, micro_batch_size=2)
+    worker = LearnerWorker(str(path), cfg, AlgorithmConfig("opsd"), Rendezvous(0, 1, "127.0.0.1", free_port()),
+                           teacher=TeacherConfig(backend="learner", topk=K, temperature=1.1))
+    try:
+        scored = worker.score_teacher(unscored(records))
+    finally:
+        worker.close()
+    r, s = next((r, s) for r, s in zip(records, scored) if r.distill_mask)
+    want = float64_full_logprobs(model, r.teacher_prompt_ids.tolist(), r.response_ids.tolist(), temperature=1.1)
+    np.testing.assert_allclose(s.teacher_topk_logprobs, want.gather(-1, torch.as_tensor(s.teacher_topk_ids).long()),
+                               rtol=0, atol=2e-5)
+    at_one = float64_full_logprobs(model, r.teacher_prompt_ids.tolist(), r.response_ids.tolist())
+    assert not np.allclose(s.teacher_topk_logprobs, at_one.gather(-1, torch.as_tensor(s.teacher_topk_ids).long()),
+                           atol=1e-3)  # a real difference, not rounding
+
+
+@pytest.mark.parametrize("setting,message", [({"support": "student"}, "teacher.support=student"),
+                                             ({"temperature": 1.1}, "teacher.temperature=1.1")])
+def test_what_only_the_learner_teacher_can_do_is_refused_elsewhere(setting, message):
+    from distil_ray.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        TeacherConfig(backend="vllm", **setting).check()
+    TeacherConfig(backend="learner", **setting).check()
+    TeacherConfig(backend="vllm", temperature=1.0).check()

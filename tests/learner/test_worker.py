@@ -48,6 +48,9 @@ CASES = [
     ("ce", {"loss_agg": "seq-sum"}, None, {}),  # a sequence-count denominator
     ("sdpo", {"alpha": 0.5}, None, {}),
     ("sdpo", {"alpha": 0.5}, None, ONE_SEQUENCE),
+    # SDPO as run: every sample counts in the mean, those without teacher signal (record 1) as 0
+    ("sdpo", {"alpha": 0.5, "loss_agg": "seq-mean-token-mean-all"}, None, {}),
+    ("sdpo", {"alpha": 0.5, "loss_agg": "seq-mean-token-mean-all"}, None, ONE_SEQUENCE),
     ("opsd", {}, None, {}),
     ("grpo", {"clip_ratio_c": 3.0}, {"normalize_std": True}, {}),
     ("grpo", {"clip_ratio_c": 3.0}, {"normalize_std": True}, ONE_SEQUENCE),

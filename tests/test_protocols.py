@@ -1,0 +1,55 @@
+"""Each published baseline's protocol is selected by `algorithm=` alone (conf/protocol/<task>_<algorithm>.yaml),
+and `algorithm=distil` on an experiment runs the protocol of the baseline it is compared against there,
+so a comparison changes only the loss. Values pinned here are the references' (docs/experiments.md)."""
+
+import pytest
+
+from distil_ray.config import compose_config
+
+
+def composed(experiment, algorithm):
+    return compose_config([f"+experiment={experiment}", f"algorithm={algorithm}"])
+
+
+@pytest.mark.parametrize("experiment", ["sciknoweval", "lcb"])
+def test_sdpo_runs_as_sdpo_runs(experiment):
+    cfg = composed(experiment, "sdpo")
+    assert cfg.model.enable_thinking is False  # SDPO's user.yaml: student and teacher
+    assert cfg.teacher.backend == "learner" and cfg.teacher.support == "student"
+    assert cfg.algorithm.loss["loss_agg"] == "seq-mean-token-mean-all"
+    assert cfg.algorithm.loss["topk_norm"] == "tail"
+    assert cfg.teacher.topk == {"sciknoweval": 100, "lcb": 20}[experiment]
+    assert cfg.algorithm.loss["alpha"] == {"sciknoweval": 0.5, "lcb": 1.0}[experiment]
+    assert cfg.learner.updates_per_batch == {"sciknoweval": 1, "lcb": 32}[experiment]
+
+
+@pytest.mark.parametrize("experiment", ["sciknoweval", "lcb"])
+def test_sdpos_grpo_baseline(experiment):
+    cfg = composed(experiment, "grpo")
+    assert cfg.algorithm.advantages["normalize_std"] is False
+    assert cfg.algorithm.loss["clip_ratio_c"] == 3.0
+    assert cfg.algorithm.loss["loss_agg"] == "seq-mean-token-mean"
+    assert cfg.learner.updates_per_batch == {"sciknoweval": 1, "lcb": 4}[experiment]
+
+
+def test_opsd_runs_as_opsd_runs():
+    cfg = composed("math", "opsd")
+    assert cfg.teacher.backend == "learner" and cfg.teacher.update == "fixed"
+    assert cfg.teacher.temperature == cfg.rollout.temperature == 1.1
+    assert cfg.teacher.context == "reference_solution"
+    assert cfg.algorithm.loss["loss_agg"] == "seq-mean-token-mean"
+
+
+@pytest.mark.parametrize("experiment,baseline", [("sciknoweval", "sdpo"), ("lcb", "sdpo"), ("math", "opsd")])
+@pytest.mark.parametrize("local", ["distil", "ce"])
+def test_distil_and_ce_use_the_protocol_of_the_baseline_they_are_compared_against(experiment, baseline, local):
+    ours, theirs = composed(experiment, local), composed(experiment, baseline)
+    for section in ("teacher", "learner", "rollout", "model", "eval", "trainer", "replay"):
+        assert getattr(ours, section) == getattr(theirs, section), section
+    assert ours.algorithm.loss["loss_agg"] == theirs.algorithm.loss["loss_agg"]
+
+
+def test_a_task_without_protocol_files_is_unchanged():
+    for algorithm in ("sdpo", "grpo", "opsd"):
+        cfg = composed("tiny", algorithm)
+        assert cfg.teacher.backend == "vllm" and cfg.teacher.support == "teacher" and cfg.model.enable_thinking is None
