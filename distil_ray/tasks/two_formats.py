@@ -120,9 +120,13 @@ class TwoFormatsTask:
             "train": rest if cfg.train_size is None else rest[: cfg.train_size],
         }
 
+    # Bump when warm_start_examples changes in a way the options do not show: the warm-start cache
+    # is keyed by config(), so a stale warm start is never reused.
+    EXAMPLES_VERSION = 2
+
     def config(self) -> dict[str, Any]:
         """Everything that defines the task (what a warm-start cache is keyed by)."""
-        return {"name": self.name, **dataclasses.asdict(self.cfg)}
+        return {"name": self.name, "examples_version": self.EXAMPLES_VERSION, **dataclasses.asdict(self.cfg)}
 
     # -- examples ------------------------------------------------------------------------------
 
