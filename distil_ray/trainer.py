@@ -612,7 +612,8 @@ class Trainer:
         spread over the learner ranks by token count."""
         refs, tokens = batch
         k = self.cfg.learner.updates_per_batch
-        out = reduce_metrics(self.learner.train_step(refs[i::k], sizes=tokens[i::k], timeout_s=self.timeout_s)
+        out = reduce_metrics(self.learner.train_step(refs[i::k], sizes=tokens[i::k], timeout_s=self.timeout_s,
+                                                     first_of_batch=i == 0)
                              for i in range(k))
         out["learner/updates"] = float(k)
         return out

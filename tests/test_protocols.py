@@ -21,6 +21,8 @@ def test_sdpo_runs_as_sdpo_runs(experiment):
     assert cfg.teacher.topk == {"sciknoweval": 100, "lcb": 20}[experiment]
     assert cfg.algorithm.loss["alpha"] == {"sciknoweval": 0.5, "lcb": 1.0}[experiment]
     assert cfg.learner.updates_per_batch == {"sciknoweval": 1, "lcb": 32}[experiment]
+    loss = cfg.algorithm.loss
+    assert (loss["is_mode"], loss["is_clip"], loss["rollout_is_clip"]) == ("two_factor", 2.0, 2.0)
 
 
 @pytest.mark.parametrize("experiment", ["sciknoweval", "lcb"])

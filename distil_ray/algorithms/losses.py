@@ -20,6 +20,7 @@ import torch
 
 from distil_ray.algorithms.advantages import BASELINES, credit_baseline, future_returns
 
+IS_MODES = ("single", "two_factor")
 LOSS_AGG_MODES = ("token-mean", "seq-sum", "seq-mean-token-mean", "seq-mean-token-mean-all")
 TOPK_NORMS = ("renorm", "tail")
 _LOG_RATIO_CLAMP = 20.0  # keeps exp(log-ratio) finite for wildly stale samples
@@ -163,6 +164,22 @@ def importance_ratio(token_logprobs, behaviour_logprobs, is_clip):
     return ratio, clipped
 
 
+def off_policy_weights(token_logprobs, behaviour_logprobs, old_logprobs, is_mode, is_clip, rollout_is_clip):
+    """The per-token importance weight (detached) of a sample drawn from μ (the rollout engine).
+
+    ``single``: ``clamp(π_θ/μ, is_clip)``. ``two_factor`` (SDPO's): ``clamp(π_θ/π_old, is_clip) ·
+    clamp(π_old/μ, rollout_is_clip)``, with π_old the policy at the start of the batch's updates;
+    ``old_logprobs=None`` is the batch's first update, where π_old is π_θ itself.
+    """
+    _check_choice("is_mode", is_mode, IS_MODES)
+    if is_mode == "single":
+        return importance_ratio(token_logprobs, behaviour_logprobs, is_clip)
+    old = token_logprobs.detach() if old_logprobs is None else old_logprobs
+    to_old, clipped_old = importance_ratio(token_logprobs, old, is_clip)
+    to_rollout, clipped_rollout = importance_ratio(old, behaviour_logprobs, rollout_is_clip)
+    return to_old * to_rollout, clipped_old | clipped_rollout
+
+
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
     m = mask.bool()
     if not m.any():
@@ -206,6 +223,9 @@ def distil_loss(
     group_ids=None,
     behaviour_logprobs: torch.Tensor | None = None,
     is_clip: float | None = 2.0,
+    is_mode: str = "single",
+    rollout_is_clip: float | None = 2.0,
+    old_logprobs: torch.Tensor | None = None,
     entropy: torch.Tensor | None = None,
     denominator=None,
     credit_baseline_values: torch.Tensor | None = None,
@@ -232,13 +252,14 @@ def distil_loss(
 
     ``behaviour_logprobs`` (stale samples) multiplies every token's loss by the per-token ratio
     π_θ/μ truncated at ``is_clip`` — the usual truncated, per-token correction, not the full
-    product of ratios an exact off-policy future-credit estimate would need.
+    product of ratios an exact off-policy future-credit estimate would need; ``is_mode=two_factor``
+    splits it as SDPO does (:func:`off_policy_weights`).
     """
     _check_choice("baseline", baseline, BASELINES)
     if not 0.0 <= gamma <= 1.0:
         raise ValueError(f"gamma={gamma!r}: must lie in [0, 1]")
-    token_logprobs, student_topk_logprobs, teacher_topk_logprobs, behaviour_logprobs = masked_inputs(
-        mask, token_logprobs, student_topk_logprobs, teacher_topk_logprobs, behaviour_logprobs
+    token_logprobs, student_topk_logprobs, teacher_topk_logprobs, behaviour_logprobs, old_logprobs = masked_inputs(
+        mask, token_logprobs, student_topk_logprobs, teacher_topk_logprobs, behaviour_logprobs, old_logprobs
     )
     student_logp, teacher_logp = topk_log_distributions(student_topk_logprobs, teacher_topk_logprobs, topk_norm)
     ce = cross_entropy(teacher_logp, student_logp)
@@ -259,7 +280,8 @@ def distil_loss(
             metrics["distil/baseline_coverage"] = _masked_mean((b != 0).to(torch.float64), mask)
     clipped = None
     if behaviour_logprobs is not None:
-        ratio, clipped = importance_ratio(token_logprobs, behaviour_logprobs, is_clip)
+        ratio, clipped = off_policy_weights(token_logprobs, behaviour_logprobs, old_logprobs, is_mode, is_clip,
+                                            rollout_is_clip)
         per_token = per_token * ratio
     loss = aggregate(per_token, mask, loss_agg, denominator)
     metrics["distil/ce"] = _masked_mean(ce, mask)
@@ -290,26 +312,31 @@ def sdpo_loss(
     loss_agg: str = "token-mean",
     behaviour_logprobs: torch.Tensor | None = None,
     is_clip: float | None = 2.0,
+    is_mode: str = "single",
+    rollout_is_clip: float | None = 2.0,
+    old_logprobs: torch.Tensor | None = None,
     entropy: torch.Tensor | None = None,
     denominator=None,
 ):
     """SDPO self-distillation: generalised JSD(α) between student and feedback-conditioned teacher
     over the teacher's top-K (+ tail bucket, or renormalised), per token; each token's divergence
     is multiplied by the IS ratio ``exp(logπ_θ − logπ_old)`` truncated at ``is_clip`` when
-    behaviour log-probs are given; token-mean by default.
+    behaviour log-probs are given (``is_mode=two_factor``: SDPO's two truncated factors through
+    π_old, :func:`off_policy_weights`); token-mean by default.
 
     The support is whatever ids the log-probs were gathered at: the reference implementation
     uses the *student's* top-k (teacher scored at those ids), this project's default pipeline the
     teacher's top-k; the divergence itself is the same function.
     """
-    token_logprobs, student_topk_logprobs, teacher_topk_logprobs, behaviour_logprobs = masked_inputs(
-        mask, token_logprobs, student_topk_logprobs, teacher_topk_logprobs, behaviour_logprobs
+    token_logprobs, student_topk_logprobs, teacher_topk_logprobs, behaviour_logprobs, old_logprobs = masked_inputs(
+        mask, token_logprobs, student_topk_logprobs, teacher_topk_logprobs, behaviour_logprobs, old_logprobs
     )
     student_logp, teacher_logp = topk_log_distributions(student_topk_logprobs, teacher_topk_logprobs, topk_norm)
     divergence = generalized_jsd(student_logp, teacher_logp, alpha)
     per_token, clipped = divergence, None
     if behaviour_logprobs is not None:
-        ratio, clipped = importance_ratio(token_logprobs, behaviour_logprobs, is_clip)
+        ratio, clipped = off_policy_weights(token_logprobs, behaviour_logprobs, old_logprobs, is_mode, is_clip,
+                                            rollout_is_clip)
         per_token = divergence * ratio
     loss = aggregate(per_token, mask, loss_agg, denominator)
     metrics = {"sdpo/divergence": _masked_mean(divergence, mask)}

@@ -35,8 +35,8 @@ class LearnerActor:
         self.worker = LearnerWorker(model_path, cfg, algorithm, rendezvous, **options)
         return True
 
-    def train_step(self, records: list) -> dict:
-        return self.worker.train_step(_resolve(records))
+    def train_step(self, records: list, first_of_batch: bool = True) -> dict:
+        return self.worker.train_step(_resolve(records), first_of_batch=first_of_batch)
 
     def score_teacher(self, records: list, at_ids=None) -> list:
         return self.worker.score_teacher(_resolve(records), at_ids)
@@ -205,8 +205,11 @@ class LearnerGroup:
             return [getattr(a, method).remote(*args) for a, args in zip(self.actors, args_per_rank)]
 
     def train_step(self, records: Sequence[Scored] | Sequence[ray.ObjectRef], *,
-                   sizes: Sequence[int] | None = None, timeout_s: float | None = None) -> dict:
+                   sizes: Sequence[int] | None = None, timeout_s: float | None = None,
+                   first_of_batch: bool = True) -> dict:
         """One optimizer step on ``records``; returns the metrics (global, identical on every rank).
+        ``first_of_batch``: False for the later updates on one generation batch (what SDPO's
+        two-factor IS correction measures from).
 
         Records are split so that a prompt's records share a rank, balanced by tokens. ObjectRefs
         are not fetched here: each ref is kept whole on one rank, so a ref must hold a whole prompt
@@ -222,7 +225,7 @@ class LearnerGroup:
             keys = [str(i) for i in range(len(records))]
             shards = [[records[i] for i in idx] for idx in balanced_split(keys, list(sizes), self.world_size)]
         # A list argument is not resolved by Ray: the refs reach the rank as refs.
-        refs = self._submit("train_step", [(shard,) for shard in shards])
+        refs = self._submit("train_step", [(shard, first_of_batch) for shard in shards])
         try:
             return self._get(refs, timeout_s)[0]
         except ray.exceptions.GetTimeoutError:

@@ -38,6 +38,9 @@ class Batch:
     # [B, L] float32: a per-token baseline computed over whole groups beforehand (a group split
     # across micro-batches), at the response columns; None when the loss computes its own
     credit_baseline: Tensor | None = None
+    # [B, L] float32: log π_old, the policy at the start of the batch's updates (is_mode=two_factor,
+    # an update after the first), at the response columns; None otherwise
+    old_logprobs: Tensor | None = None
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]

@@ -162,6 +162,9 @@ class LearnerWorker:
         self.per_token_denominator = self.loss_kwargs.get("loss_agg", "token-mean") == "token-mean"
         # SDPO's as-run mean: the samples without teacher signal count in the denominator too
         self.counts_unsignalled = self.loss_kwargs.get("loss_agg") == "seq-mean-token-mean-all"
+        # SDPO's two-factor IS correction: later updates on a batch need π_old, the batch-start policy
+        self.two_factor = self.loss_kwargs.get("is_mode") == "two_factor"
+        self._batch_start: dict[str, torch.Tensor] | None = None
         # The leave-one-out baseline compares siblings: without a token budget groups stay whole in
         # one micro-batch; with one they are split and the baseline is computed over the group first.
         self.whole_groups = self.loss_kwargs.get("baseline", "none") == "group"
@@ -241,11 +244,18 @@ class LearnerWorker:
 
     # ------------------------------------------------------------------ training
 
-    def train_step(self, records: Sequence[Scored]) -> dict[str, float]:
-        """One optimizer step on this rank's share of the batch (see the module docstring)."""
+    def train_step(self, records: Sequence[Scored], first_of_batch: bool = True) -> dict[str, float]:
+        """One optimizer step on this rank's share of the batch (see the module docstring).
+        ``first_of_batch=False``: a later update on the same generation batch; with
+        ``is_mode=two_factor`` its π_old is the policy as it was at the batch's first update."""
         t0 = time.perf_counter()
         algo = self.algorithm
         records = list(records)
+        if self.two_factor:
+            if first_of_batch:  # π_old of every later update on this batch: the weights as they are now
+                self._batch_start = {name: _local(p.detach()).clone() for name, p in self.model.named_parameters()}
+            elif self._batch_start is None:
+                raise RuntimeError("train_step(first_of_batch=False) before a first update of the batch")
         rollout_sums = self._rollout_sums(records)
         if algo.train_on == "successful":
             records = [r for r in records if r.correct]
@@ -278,6 +288,13 @@ class LearnerWorker:
              torch.tensor([advantages.get(id(r), 0.0) for r in mb], dtype=torch.float32, device=self.device))
             for mb in parts
         ]
+        if self.two_factor and not first_of_batch:
+            old = self._score_sequences([r for mb in parts for r in mb], None, 0, self.temperature,
+                                        self._swapped(self._batch_start))
+            old_of = {id(r): token_lp.float().numpy() for r, (token_lp, _, _) in zip([r for mb in parts for r in mb], old)}
+            for mb, (batch, _) in zip(parts, batches):
+                batch.old_logprobs = at_response_columns([old_of[id(r)] for r in mb], mb,
+                                                         batch.input_ids.shape[1]).to(self.device)
         if self.splits_groups:
             baselines = self._group_baselines(parts, [b for b, _ in batches], n_micro)
             for mb, (batch, _) in zip(parts, batches):
@@ -442,6 +459,8 @@ class LearnerWorker:
                 kwargs["group_ids"] = batch.group_ids
             if _accepts(fn, "behaviour_logprobs"):
                 kwargs["behaviour_logprobs"] = batch.behaviour_logprobs
+            if batch.old_logprobs is not None and _accepts(fn, "old_logprobs"):
+                kwargs["old_logprobs"] = batch.old_logprobs
             if batch.credit_baseline is not None:
                 kwargs["credit_baseline_values"] = batch.credit_baseline
             return fn(out.token_logprobs, out.topk_logprobs, batch.teacher_topk_logprobs, mask, **kwargs)
@@ -610,6 +629,13 @@ class LearnerWorker:
         the moving average or the starting weights (one parameter's copy at a time, exact), then
         swapped back. The current policy needs no swap."""
         source = {"current": None, "ema": self.ema, "fixed": self.initial}[self.teacher_cfg.update]
+        with self._swapped(source):
+            yield
+
+    @contextmanager
+    def _swapped(self, source: dict | None):
+        """``source`` (full-name → local shard) in the model's own shards for the duration, swapped
+        in place one parameter's copy at a time and swapped back exactly; None: no swap."""
         if source is None:
             yield
             return

@@ -406,3 +406,32 @@ def test_group_advantages_accept_integer_and_bool_rewards():
         adv = group_relative_advantages(rewards, groups, normalize_std=True)
         assert adv.dtype == torch.float64
         torch.testing.assert_close(adv, torch.tensor([0.7071, -0.7071, 0.0, 0.0], dtype=torch.float64), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("loss", ["sdpo", "distil"])
+def test_two_factor_is_correction_by_hand(loss):
+    """SDPO's off-policy weight: clamp(π_θ/π_old, c1) · clamp(π_old/μ, c2), each factor truncated
+    on its own; without π_old (the batch's first update, π_old = π_θ) it is clamp(π_θ/μ, c2)."""
+    batch = random_batch(7)
+    rng = np.random.default_rng(3)
+    old = batch["token_logprobs"] + torch.tensor(rng.normal(scale=0.8, size=(B, T)))
+    mask = batch["mask"].tolist()
+    dists = per_position(batch, "tail")
+    if loss == "sdpo":
+        local = [[np_gjsd(*dists[b][t], 0.5) for t in range(T)] for b in range(B)]
+        fn, kw = sdpo_loss, dict(alpha=0.5, topk_norm="tail")
+    else:  # CE only: the weight multiplies the whole per-token term either way
+        local = [[-sum(pt * math.log(ps) for ps, pt in zip(*dists[b][t])) for t in range(T)] for b in range(B)]
+        fn, kw = distil_loss, dict(future_credit_coef=0.0, topk_norm="tail")
+    theta, mu, o = (x.tolist() for x in (batch["token_logprobs"], batch["behaviour"], old))
+    ref = [[local[b][t] * min(math.exp(theta[b][t] - o[b][t]), 1.5) * min(math.exp(o[b][t] - mu[b][t]), 2.0)
+            for t in range(T)] for b in range(B)]
+    got, metrics = fn(*loss_args(batch), **kw, behaviour_logprobs=batch["behaviour"], is_clip=1.5,
+                      is_mode="two_factor", rollout_is_clip=2.0, old_logprobs=old)
+    assert float(got) == pytest.approx(np_aggregate(ref, mask, "token-mean"), rel=1e-12)
+    first, _ = fn(*loss_args(batch), **kw, behaviour_logprobs=batch["behaviour"], is_clip=1.5,
+                  is_mode="two_factor", rollout_is_clip=2.0)
+    single, _ = fn(*loss_args(batch), **kw, behaviour_logprobs=batch["behaviour"], is_clip=2.0)
+    assert float(first) == pytest.approx(float(single), rel=1e-12)
+    with pytest.raises(ValueError, match="is_mode"):
+        fn(*loss_args(batch), **kw, behaviour_logprobs=batch["behaviour"], is_mode="three")

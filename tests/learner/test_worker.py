@@ -186,3 +186,45 @@ def test_the_ema_is_exact_on_the_shards_and_survives_a_checkpoint(setup, tmp_pat
         worker.close()
     with pytest.raises(ValueError, match="ema_rate"):
         LearnerWorker(str(path), cfg, AlgorithmConfig("ce"), Rendezvous(0, 1, "127.0.0.1", 1), ema_rate=0.0)
+
+
+@pytest.mark.timeout(240)
+def test_two_factor_updates_after_the_first_measure_from_the_batch_start_policy(setup):
+    """is_mode=two_factor: the second update on a batch gets π_old = the weights before the first
+    update (SDPO recomputes it before its mini-batches), the first gets none (π_old = π_θ)."""
+    import dataclasses
+    import functools
+
+    import torch
+
+    from distil_ray.learner.forward import response_logprobs
+    from distil_ray.learner.packing import pack
+
+    path, tok, records = setup
+    worker = new_worker(path, "sdpo", {"is_mode": "two_factor", "is_clip": 2.0}, micro_batch_size=16)
+    seen = []
+    real = worker.algorithm.loss_fn
+
+    @functools.wraps(real)
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("old_logprobs"))
+        return real(*args, **kwargs)
+
+    worker.algorithm = dataclasses.replace(worker.algorithm, loss_fn=spy)
+    first, second = records[:6], records[6:]
+    try:
+        worker.train_step(first, first_of_batch=True)
+        worker.train_step(second, first_of_batch=False)
+    finally:
+        worker.close()
+    assert seen[0] is None and seen[1] is not None
+    start, _ = load_tiny(path)  # the batch-start policy: the starting weights
+    kept = [r for r in second if r.distill_mask]
+    batch = pack(kept, pad_id=tok.pad_token_id, topk=None, distill_only=True)
+    with torch.no_grad():
+        want = response_logprobs(start.eval(), batch.input_ids, batch.attention_mask, batch.response_mask, None).token_logprobs
+    got = seen[1][seen[1] != 0].numpy()  # the response columns of the worker's own layout
+    want = want[batch.response_mask.bool()].numpy()
+    assert got.size == want.size
+    # the rows may come in another order: compare the values as sets
+    np.testing.assert_allclose(np.sort(got), np.sort(want), rtol=0, atol=2e-5)
