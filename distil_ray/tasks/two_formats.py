@@ -21,10 +21,11 @@ learned, stuck after B — and moves the student to A. (With λ = 1 the optimum 
 ``CE(format) + E[later CE]`` puts ≈ 95 % on A once the A code is learned.)
 
 Two things would give the format away and make the task easy for every learner, so the experiment
-avoids them (``conf/experiment/claims.yaml``): a successful sibling's answer in the teacher's
-context (it starts with the format letter: the experiment uses feedback-only contexts), and a
-reference solution (OPSD's context is a format-A answer, so OPSD's teacher *does* prefer A — it is
-told the format, which is a different claim from the one this task tests).
+avoids the first (``conf/experiment/claims.yaml``): a successful sibling's answer in the teacher's
+context (it starts with the format letter: the experiment uses feedback-only contexts). OPSD's
+context is a reference solution, a format-A answer; the warm start teaches the format letter as a
+free choice there too, so OPSD's teacher is as indifferent at the format as the feedback teacher
+and OPSD is one more local learner on this task.
 
 The warm start (``warm_start_examples``) gives the tiny model what a pretrained LLM would bring: the
 answer format with the format letter drawn 50/50, ``num_known`` letters of both codes, reading
@@ -122,7 +123,7 @@ class TwoFormatsTask:
 
     # Bump when warm_start_examples changes in a way the options do not show: the warm-start cache
     # is keyed by config(), so a stale warm start is never reused.
-    EXAMPLES_VERSION = 2
+    EXAMPLES_VERSION = 3
 
     def config(self) -> dict[str, Any]:
         """Everything that defines the task (what a warm-start cache is keyed by)."""
@@ -208,13 +209,12 @@ class TwoFormatsTask:
     ) -> list[tuple[list[dict[str, str]], str]]:
         """``n`` supervised ``(messages, target_text)`` pairs over training prompts.
 
-        A plain prompt's target has its format letter drawn 50/50 and the digits the model knows
-        (``_guess``). The ``context_fraction`` of teacher contexts state fresh random "format-A"
-        digits. Most are the feedback on a simulated attempt, built by ``reprompt_group`` as training
-        builds it: the target's format is again 50/50, independent of the context, its digits
-        copied from the feedback after an A and the plain guess after a B (the feedback says nothing
-        about B). The ``reference_fraction`` of them is a format-A reference solution in OPSD's
-        context, and the target is that answer.
+        Every target's format letter is drawn 50/50, independently of the context. A plain prompt's
+        digits are what the model knows (``_guess``). The ``context_fraction`` of teacher contexts
+        state fresh random "format-A" digits — in the feedback of a simulated attempt, built by
+        ``reprompt_group`` as training builds it, or (``reference_fraction`` of them) as a format-A
+        reference solution in OPSD's context — and a target in format A copies them; one in format
+        B is the plain guess, because the context says nothing about B.
         """
         if not 0.0 <= context_fraction <= 1.0:
             raise ValueError(f"context_fraction={context_fraction}: must lie in [0, 1]")
@@ -231,9 +231,11 @@ class TwoFormatsTask:
             stated = "".join(rng.choice(DIGITS) for _ in symbols)
             target = "A" + stated if fmt == "A" else "B" + self._guess(symbols, "B", rng)
             if rng.random() < self.cfg.reference_fraction:
-                # a reference solution is an answer: the teacher that reads it copies it, format
-                # letter included (it is *not* indifferent at the format: OPSD is told the format)
-                context, target = reference_solution_context(messages, "A" + stated), "A" + stated
+                # the format letter stays a free choice here too: with the reference's own letter
+                # as the target (and half the contexts references) the tiny model learned to copy
+                # references but no longer the feedback (greedy teacher accuracy on feedback
+                # contexts 0.15, against 0.99 this way)
+                context = reference_solution_context(messages, "A" + stated)
             else:
                 attempt_fmt = rng.choice(FORMATS)
                 attempt = attempt_fmt + (stated if rng.random() < 0.2 else self._guess(symbols, attempt_fmt, rng))

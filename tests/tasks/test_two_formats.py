@@ -1,7 +1,6 @@
 """The two-formats task: two codes, grading in either format, feedback that states only format A's
 code and never reveals the student's format, and warm-start examples whose format letter is a free
-choice (but where a reference answer is copied) while the format-A digits must be read from the
-context."""
+choice while the format-A digits must be read from the context."""
 
 from __future__ import annotations
 
@@ -87,8 +86,8 @@ def test_feedback_only_contexts_leave_a_successful_siblings_answer_out(task):
 def test_warm_start_format_is_a_free_choice_and_a_digits_come_from_the_context(task):
     rng = random.Random(0)
     examples = task.warm_start_examples(4000, rng, context_fraction=0.6)
-    formats = Counter(target[0] for m, target in examples if "reference solution" not in m[-1]["content"])
-    assert abs(formats["A"] / sum(formats.values()) - 0.5) < 0.03
+    formats = Counter(target[0] for _, target in examples)
+    assert abs(formats["A"] / len(examples) - 0.5) < 0.03
     kinds = Counter()
     for messages, target in examples:
         content = messages[-1]["content"]
@@ -97,9 +96,7 @@ def test_warm_start_format_is_a_free_choice_and_a_digits_come_from_the_context(t
             stated = content.split("The format-A code is ")[1][:4] if "code is" in content else \
                 content.split("reference solution to this problem:\n")[1][1:5]
             kinds["reference" if "reference solution" in content else "feedback"] += 1
-            if "reference solution" in content:  # an answer to copy, format letter included
-                assert target == "A" + stated
-            elif target[0] == "A":
+            if target[0] == "A":
                 assert target[1:] == stated  # read from the context
             else:  # the context says nothing about B: known letters right, a guess elsewhere
                 for s, d in zip(symbols, target[1:]):
