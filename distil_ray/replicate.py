@@ -8,8 +8,9 @@ and figures.
 
 Each run is ``python -m distil_ray.main +experiment=<name> algorithm=<a> seed=<s> [teacher.topk=<k>]``
 in its own process (its own Ray cluster), one after the other, into ``OUT/runs/<a>[-k<k>]-s<s>``.
-A run that finished (its ``summary.json`` exists) is not run again, so an interrupted replication
-continues where it stopped. Then ``OUT/results.md`` (and ``results.json``) gets validation success,
+A run that finished with the same overrides (its ``summary.json`` and ``.hydra/overrides.yaml``)
+is not run again, so an interrupted replication continues where it stopped; an unfinished one, or
+one run with other overrides, starts afresh in an emptied directory. Then ``OUT/results.md`` (and ``results.json``) gets validation success,
 mean ± std over seeds, at every evaluated step and at equal wall-clock budgets, and ``OUT/*.png``
 the figures: DistIL vs CE, every algorithm overlaid, the top-k ablation.
 
@@ -24,14 +25,16 @@ import argparse
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from distil_ray.telemetry.metrics import METRICS_FILE, read_metrics
+from distil_ray.telemetry.metrics import read_metrics
 from distil_ray.telemetry.plots import plot_bands, step_value
+from distil_ray.telemetry.report import overrides as recorded_overrides
 
 ALGORITHMS = ("distil", "ce", "sdpo", "opsd", "grpo", "sft")
 DEFAULT_TOPK = (1, 5, 20, "all")
@@ -74,7 +77,7 @@ def plan(algorithms, seeds, topks, topk_seeds, default_topk: int) -> list[RunSpe
             if k == default_topk and "distil" in algorithms and s in seeds:
                 continue
             runs.append(RunSpec("distil", s, k))
-    return runs
+    return list(dict.fromkeys(runs))  # a value given twice is one run
 
 
 def composed(experiment: str, overrides: list[str]) -> dict:
@@ -94,10 +97,12 @@ def composed(experiment: str, overrides: list[str]) -> dict:
 def run_one(spec: RunSpec, out: Path, experiment: str, extra: list[str], vocab_size: int) -> tuple[bool, float]:
     """Run one job to completion (its log next to its run dir); ``(finished, seconds)``."""
     run_dir = out / "runs" / spec.name
-    if (run_dir / "summary.json").is_file():
+    wanted = [*spec.overrides(experiment, vocab_size), *extra]
+    if (run_dir / "summary.json").is_file() and recorded_overrides(run_dir) == wanted:
         return True, 0.0
-    cmd = [sys.executable, "-m", "distil_ray.main", *spec.overrides(experiment, vocab_size), *extra,
-           f"hydra.run.dir={run_dir}"]
+    if run_dir.exists():  # unfinished, or other overrides: its metrics must not mix with the new run's
+        shutil.rmtree(run_dir)
+    cmd = [sys.executable, "-m", "distil_ray.main", *wanted, f"hydra.run.dir={run_dir}"]
     log = out / "runs" / f"{spec.name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -128,29 +133,34 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return m, (math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0)
 
 
-def _fmt(values: list[float]) -> str:
+def _fmt(values: list[float], n: int | None = None) -> str:
+    """mean ± std (sample std; "n=1" when there is one value), and how many seeds when fewer than ``n``."""
     if not values:
         return "–"
     m, s = mean_std(values)
-    return f"{m:.3f} ± {s:.3f}"
+    text = f"{m:.3f} ± {s:.3f}" if len(values) > 1 else f"{m:.3f} (n=1)"
+    return text + (f" (n={len(values)})" if n is not None and 1 < len(values) < n else "")
 
 
 def summarise(out: Path, specs: list[RunSpec], default_topk: int) -> dict:
     """Tables (markdown) and figures from the finished runs in ``out``."""
     curves: dict[str, list] = {}
+    left_out = []
     for spec in specs:
         run_dir = out / "runs" / spec.name
-        if not (run_dir / METRICS_FILE).is_file():
+        curve = training_curve(run_dir) if (run_dir / "summary.json").is_file() else None
+        if not curve or not curve[0]:  # unfinished, failed, or never evaluated
+            left_out.append(spec.name)
             continue
         label = spec.algorithm if spec.topk is None else f"distil k={spec.topk}"
-        curves.setdefault(label, []).append(training_curve(run_dir))
+        curves.setdefault(label, []).append(curve)
     main = {a: c for a, c in curves.items() if not a.startswith("distil k=")}
     steps = sorted({s for runs in main.values() for run in runs for s in run[0]})
     finals = {a: [run[2][-1] for run in runs] for a, runs in main.items()}
     # equal wall-clock: fractions of the shortest algorithm's (mean) training time
     ends = {a: mean_std([run[1][-1] for run in runs])[0] for a, runs in main.items()}
     shortest = min(ends.values()) if ends else 0.0
-    budgets = [round(shortest * f, 1) for f in (0.25, 0.5, 0.75, 1.0)]
+    budgets = [shortest * f for f in (0.25, 0.5, 0.75, 1.0)]
 
     def at_step(runs, step):
         return [run[2][run[0].index(step)] for run in runs if step in run[0]]
@@ -162,15 +172,16 @@ def summarise(out: Path, specs: list[RunSpec], default_topk: int) -> dict:
     lines += ["## At fixed step budgets", "", "| algorithm | " + " | ".join(f"step {s}" for s in steps) + " |",
               "|---|" + "---|" * len(steps)]
     for a, runs in main.items():
-        lines.append(f"| {a} (n={len(runs)}) | " + " | ".join(_fmt(at_step(runs, s)) for s in steps) + " |")
+        lines.append(f"| {a} (n={len(runs)}) | " + " | ".join(_fmt(at_step(runs, s), len(runs)) for s in steps) + " |")
     lines += ["", f"## At equal training wall-clock (seconds; {shortest:.1f} s = the fastest algorithm's "
-              "whole run)", "", "| algorithm | mean s per run | " + " | ".join(f"{b:g} s" for b in budgets) + " |",
+              "whole run)", "", "| algorithm | mean s per run | " + " | ".join(f"{b:.1f} s" for b in budgets) + " |",
               "|---|---|" + "---|" * len(budgets)]
     for a, runs in main.items():
-        lines.append(f"| {a} | {ends[a]:.1f} | " + " | ".join(_fmt(at_wall(runs, b)) for b in budgets) + " |")
+        lines.append(f"| {a} | {ends[a]:.1f} | " + " | ".join(_fmt(at_wall(runs, b), len(runs)) for b in budgets) + " |")
     ablation = {a: c for a, c in curves.items() if a.startswith("distil k=")}
     if ablation:
-        ablation = {f"distil k={default_topk}": main.get("distil", []), **ablation} if "distil" in main else ablation
+        if "distil" in main and f"distil k={default_topk}" not in ablation:
+            ablation = {f"distil k={default_topk}": main["distil"], **ablation}
         ablation = dict(sorted(ablation.items(), key=lambda kv: _k_order(kv[0])))
         lines += ["", "## Top-k ablation (DistIL; final validation success)", "",
                   "| teacher top-k | n | final |", "|---|---|---|"]
@@ -185,14 +196,16 @@ def summarise(out: Path, specs: list[RunSpec], default_topk: int) -> dict:
     if "distil" in main and "grpo" in main:
         holds = all(mean_std(at_step(main["distil"], s))[0] >= mean_std(at_step(main["grpo"], s))[0]
                     for s in steps if at_step(main["distil"], s) and at_step(main["grpo"], s))
-        holds_wall = all(mean_std(at_wall(main["distil"], b) or [0.0])[0] >= mean_std(at_wall(main["grpo"], b) or [0.0])[0]
-                         for b in budgets)
+        holds_wall = all(mean_std(at_wall(main["distil"], b))[0] >= mean_std(at_wall(main["grpo"], b))[0]
+                         for b in budgets if at_wall(main["distil"], b) and at_wall(main["grpo"], b))
         checks["distil_ge_grpo_every_step"] = holds
         checks["distil_ge_grpo_every_wall_budget"] = holds_wall
         lines.append(f"DistIL ≥ GRPO at every step budget: **{'yes' if holds else 'no'}**; "
                      f"at every wall-clock budget: **{'yes' if holds_wall else 'no'}**")
+    if left_out:
+        lines += ["", f"Left out (unfinished, failed or never evaluated): {', '.join(left_out)}"]
     (out / "results.md").write_text("\n".join(lines) + "\n")
-    result = {"steps": steps, "wall_budgets_s": budgets, "checks": checks,
+    result = {"steps": steps, "wall_budgets_s": budgets, "checks": checks, "left_out": left_out,
               "final": {a: finals[a] for a in finals},
               "curves": {a: [{"steps": r[0], "wall_s": r[1], KEY: r[2]} for r in runs] for a, runs in curves.items()}}
     (out / "results.json").write_text(json.dumps(result, indent=2))
@@ -257,6 +270,10 @@ def main(argv=None) -> int:
         print(f"replicate: cannot compose +experiment={args.experiment}: {e}", file=sys.stderr)
         return 2
     default_topk = int(cfg["teacher"]["topk"])
+    if "all" in args.topk and cfg["teacher"]["backend"] != "learner":
+        print(f"replicate: --topk all needs teacher.backend=learner (the experiment's is "
+              f"{cfg['teacher']['backend']!r}: an engine returns a bounded number of log-probs)", file=sys.stderr)
+        return 2
     vocab = int(cfg["model"]["tiny"]["vocab_size"]) if cfg["model"]["path"] is None else ALL_VOCAB
     specs = plan(args.algorithms, args.seeds, args.topk, args.topk_seeds or args.seeds[:1], default_topk)
     out.mkdir(parents=True, exist_ok=True)

@@ -55,3 +55,39 @@ def test_a_task_without_protocol_files_is_unchanged():
     for algorithm in ("sdpo", "grpo", "opsd"):
         cfg = composed("tiny", algorithm)
         assert cfg.teacher.backend == "vllm" and cfg.teacher.support == "teacher" and cfg.model.enable_thinking is None
+
+
+def _keys(node, prefix=""):
+    out = set()
+    for k, v in (node or {}).items():
+        if k == "defaults":
+            continue
+        path = f"{prefix}{k}"
+        out |= _keys(v, path + ".") if isinstance(v, dict) else {path}
+    return out
+
+
+def _protocol_keys(path):
+    import yaml
+
+    node = yaml.safe_load(path.read_text()) or {}
+    keys = _keys(node)
+    for include in node.get("defaults", []):
+        keys |= _protocol_keys(path.parent / f"{include}.yaml")
+    return keys
+
+
+def test_no_protocol_sets_a_key_its_experiment_sets():
+    """Hydra merges a protocol before the +experiment: a key both set would silently keep the
+    experiment's value, not the reference's."""
+    from pathlib import Path
+
+    import yaml
+
+    conf = Path(__file__).resolve().parent.parent / "conf"
+    for experiment in sorted((conf / "experiment").glob("*.yaml")):
+        exp = yaml.safe_load(experiment.read_text())
+        task = next(d["override /task"] for d in exp["defaults"] if isinstance(d, dict) and "override /task" in d)
+        for protocol in sorted((conf / "protocol").glob(f"{task}_*.yaml")):
+            both = _protocol_keys(protocol) & _keys(exp)
+            assert not both, f"{protocol.name} and experiment/{experiment.name} both set {sorted(both)}"

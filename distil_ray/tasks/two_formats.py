@@ -17,8 +17,10 @@ A purely local learner (CE, SDPO's divergence, token by token) copies the teache
 50/50 format split included, so half its rollouts stay in format B, where the teacher is as unsure
 as the student and the cross-entropy cannot fall. DistIL's future-credit term charges the format
 letter with the cross-entropy the rest of the answer then incurs — falling after A as the code is
-learned, stuck after B — and moves the student to A. (With λ = 1 the optimum of
-``CE(format) + E[later CE]`` puts ≈ 95 % on A once the A code is learned.)
+learned, stuck after B — and moves the student to A. (With λ = 1, once the A code is learned,
+the optimum of ``CE(format) + (1 − q)·L_B`` over the share q of A, with the teacher's 50/50 at the
+format letter and L_B ≈ 5.5 nats of later cross-entropy after a B (six unknown letters of ten),
+is q ≈ 0.92: ``0.5/(1 − q) − 0.5/q = L_B``.)
 
 Two things would give the format away and make the task easy for every learner, so the experiment
 avoids the first (``conf/experiment/claims.yaml``): a successful sibling's answer in the teacher's

@@ -2,8 +2,10 @@
 reward, loss and throughput, several runs overlaid (``report --plot``), and mean ± std bands over
 seeds (``distil_ray.replicate``).
 
-Wall-clock is the run's own time line: start-up, then every step, evaluation and checkpoint as the
-run logged them, summed in order — the same on a resumed run as on an uninterrupted one.
+Wall-clock (``report --plot``) is the run's own time line: start-up, then every step, evaluation and
+checkpoint as the run logged them, summed in order, each point at the end of its line (a resumed
+run adds its second start-up). ``distil_ray.replicate`` compares algorithms on training time
+instead: start-up left out, each evaluation at the time it started.
 """
 
 from __future__ import annotations
