@@ -137,7 +137,8 @@ def _sciknoweval_dir(tmp_path, test_lines):
     return root
 
 
-SCIKNOWEVAL = ["task=sciknoweval", "task.kwargs.domains=chemistry", "trainer.prompts_per_step=1"]
+# the teacher here is an hf engine (FAST): the support SDPO's protocol uses needs the learner teacher
+SCIKNOWEVAL = ["task=sciknoweval", "task.kwargs.domains=chemistry", "trainer.prompts_per_step=1", "teacher.support=teacher"]
 
 
 def test_records_sharing_an_idx_are_refused_when_the_task_loads(tmp_path):
