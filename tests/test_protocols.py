@@ -91,3 +91,12 @@ def test_no_protocol_sets_a_key_its_experiment_sets():
         for protocol in sorted((conf / "protocol").glob(f"{task}_*.yaml")):
             both = _protocol_keys(protocol) & _keys(exp)
             assert not both, f"{protocol.name} and experiment/{experiment.name} both set {sorted(both)}"
+
+
+def test_the_math_prompt_is_opsds():
+    """OPSD's evaluation prompt, evaluate_math.py:340-342: the problem, a blank line, the instruction."""
+    from distil_ray.tasks.math.prompts import build_messages
+
+    cfg = composed("math", "opsd")
+    (message,) = build_messages("What is 1+1?", cfg.task.kwargs["instruction"])
+    assert message["content"] == "What is 1+1?\n\nPlease reason step by step, and put your final answer within \\boxed{}."
