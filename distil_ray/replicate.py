@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from distil_ray.telemetry.metrics import read_metrics
-from distil_ray.telemetry.plots import plot_bands, step_value
+from distil_ray.telemetry.plots import plot_bands, save_figure, step_value
 from distil_ray.telemetry.report import overrides as recorded_overrides
 
 ALGORITHMS = ("distil", "ce", "sdpo", "opsd", "grpo", "sft")
@@ -231,9 +231,7 @@ def _figures(out: Path, main: dict, ablation: dict) -> None:
                    title=f"{title}: over steps", ax=axes[0])
         plot_bands({a: [(r[1], r[2]) for r in runs] for a, runs in groups.items()}, None,
                    xlabel="training wall-clock (s)", title=f"{title}: over wall-clock", ax=axes[1])
-        fig.tight_layout()
-        fig.savefig(out / name, dpi=110)
-        plt.close(fig)
+        save_figure(fig, out / name)
 
     two_panels({a: main[a] for a in ("distil", "ce") if a in main}, "distil_vs_ce.png",
                "future credit (DistIL) vs local credit (CE)")

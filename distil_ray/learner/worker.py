@@ -289,9 +289,9 @@ class LearnerWorker:
             for mb in parts
         ]
         if self.two_factor and not first_of_batch:
-            old = self._score_sequences([r for mb in parts for r in mb], None, 0, self.temperature,
-                                        self._swapped(self._batch_start))
-            old_of = {id(r): token_lp.float().numpy() for r, (token_lp, _, _) in zip([r for mb in parts for r in mb], old)}
+            kept = [r for mb in parts for r in mb]
+            old = self._score_sequences(kept, None, 0, self.temperature, self._swapped(self._batch_start))
+            old_of = {id(r): token_lp.float().numpy() for r, (token_lp, _, _) in zip(kept, old)}
             for mb, (batch, _) in zip(parts, batches):
                 batch.old_logprobs = at_response_columns([old_of[id(r)] for r in mb], mb,
                                                          batch.input_ids.shape[1]).to(self.device)

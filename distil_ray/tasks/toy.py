@@ -81,6 +81,16 @@ def toy_model_config(task: ToyTask | None = None, **overrides) -> TinyModelConfi
 _DIGITS_ONLY = re.compile(r"\s*(\d+)\s*")
 
 
+def secret_code_digits(rng: random.Random, num_symbols: int) -> tuple[list[str], list[str]]:
+    """``num_symbols`` letters of :data:`LETTERS` and a digit for each, drawn from ``rng``: a
+    permutation of the digits per ten letters, so with up to ten letters no two share a digit."""
+    symbols = rng.sample(LETTERS, num_symbols)
+    digits: list[str] = []
+    while len(digits) < num_symbols:
+        digits += rng.sample(DIGITS, len(DIGITS))
+    return symbols, digits
+
+
 def _plural(n: int, word: str) -> str:
     return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
@@ -144,11 +154,7 @@ class ToyTask:
     def __init__(self, cfg: ToyConfig | None = None):
         self.cfg = cfg = resolve_config(ToyConfig, cfg, self.name)
         rng = random.Random(f"toy-code-{cfg.seed}")
-        self.symbols: list[str] = rng.sample(LETTERS, cfg.num_symbols)
-        # a permutation of the digits per ten letters: with up to ten letters no two share a digit
-        digits: list[str] = []
-        while len(digits) < cfg.num_symbols:
-            digits += rng.sample(DIGITS, len(DIGITS))
+        self.symbols, digits = secret_code_digits(rng, cfg.num_symbols)
         self.code: dict[str, str] = dict(zip(self.symbols, digits))
         # The warm start's partial knowledge: a seeded subset, not the first letters of the alphabet.
         self.known: frozenset[str] = frozenset(rng.sample(self.symbols, cfg.num_known))

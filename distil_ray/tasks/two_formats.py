@@ -47,7 +47,7 @@ from typing import Any
 
 from distil_ray.feedback.templates import RepromptConfig, reference_solution_context, reprompt_group
 from distil_ray.tasks.base import Grade, TaskExample, resolve_config
-from distil_ray.tasks.toy import DIGITS, LETTERS
+from distil_ray.tasks.toy import DIGITS, LETTERS, secret_code_digits
 
 __all__ = ["FORMATS", "TwoFormatsConfig", "TwoFormatsTask"]
 
@@ -103,10 +103,7 @@ class TwoFormatsTask:
     def __init__(self, cfg: TwoFormatsConfig | None = None):
         self.cfg = cfg = resolve_config(TwoFormatsConfig, cfg, self.name)
         rng = random.Random(f"two-formats-code-{cfg.seed}")
-        self.symbols: list[str] = rng.sample(LETTERS, cfg.num_symbols)
-        digits: list[str] = []
-        while len(digits) < cfg.num_symbols:
-            digits += rng.sample(DIGITS, len(DIGITS))
+        self.symbols, digits = secret_code_digits(rng, cfg.num_symbols)
         shift = rng.randrange(1, 10)  # B's digit is never A's: the two answers differ everywhere
         self.codes: dict[str, dict[str, str]] = {
             "A": dict(zip(self.symbols, digits)),

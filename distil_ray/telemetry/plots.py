@@ -110,12 +110,7 @@ def plot_runs(runs: Sequence[tuple[str, Sequence[Mapping]]], out: str | Path, ti
             ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes, color="grey")
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out)
 
 
 def plot_bands(curves: Mapping[str, Sequence[tuple[Sequence[float], Sequence[float]]]], out: str | Path, *,
@@ -152,11 +147,16 @@ def plot_bands(curves: Mapping[str, Sequence[tuple[Sequence[float], Sequence[flo
         ax.set_title(title, fontsize=10)
     if not own:
         return None
+    return save_figure(fig, out)
+
+
+def save_figure(fig, out: str | Path) -> Path:
+    """Lay ``fig`` out, write it as a PNG at ``out`` (its folder made if need be) and close it."""
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
-    plt.close(fig)
+    _pyplot().close(fig)
     return out
 
 
