@@ -94,8 +94,10 @@ def composed(experiment: str, overrides: list[str]) -> dict:
     return OmegaConf.to_container(cfg, resolve=True)
 
 
-def run_one(spec: RunSpec, out: Path, experiment: str, extra: list[str], vocab_size: int) -> tuple[bool, float]:
-    """Run one job to completion (its log next to its run dir); ``(finished, seconds)``."""
+def run_one(spec: RunSpec, out: Path, experiment: str, extra: list[str], vocab_size: int,
+            timeout_s: float = 1800.0) -> tuple[bool, float]:
+    """Run one job to completion, or until ``timeout_s`` (its log next to its run dir);
+    ``(finished, seconds)``."""
     run_dir = out / "runs" / spec.name
     wanted = [*spec.overrides(experiment, vocab_size), *extra]
     if (run_dir / "summary.json").is_file() and recorded_overrides(run_dir) == wanted:
@@ -109,7 +111,12 @@ def run_one(spec: RunSpec, out: Path, experiment: str, extra: list[str], vocab_s
     with open(log, "w") as f:
         f.write(" ".join(cmd) + "\n")
         f.flush()
-        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=os.environ.copy()).returncode
+        try:
+            rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=os.environ.copy(),
+                                timeout=timeout_s).returncode
+        except subprocess.TimeoutExpired:  # the run is killed; its directory is emptied on the next try
+            f.write(f"\nreplicate: stopped after {timeout_s:g} s (--run-timeout-s)\n")
+            rc = None
     return rc == 0 and (run_dir / "summary.json").is_file(), time.perf_counter() - t0
 
 
@@ -255,6 +262,8 @@ def main(argv=None) -> int:
                              "whole replication within 20 minutes on two cores)")
     parser.add_argument("--out", type=Path, default=None, help="default: replications/<experiment>")
     parser.add_argument("--summarise-only", action="store_true", help="tables and figures of the runs already done")
+    parser.add_argument("--run-timeout-s", type=float, default=1800.0,
+                        help="a run still going after this long is stopped and counted as failed")
     argv = list(sys.argv[1:] if argv is None else argv)
     # everything after "--" is Hydra overrides for every run (split here: argparse would give a
     # trailing positional list nothing once the experiment name has been read)
@@ -279,7 +288,7 @@ def main(argv=None) -> int:
     if not args.summarise_only:
         t_start = time.perf_counter()
         for i, spec in enumerate(specs, 1):
-            ok, seconds = run_one(spec, out, args.experiment, args.overrides, vocab)
+            ok, seconds = run_one(spec, out, args.experiment, args.overrides, vocab, args.run_timeout_s)
             status = "done" if seconds == 0.0 and ok else ("ok" if ok else "FAILED")
             print(f"[{i}/{len(specs)}] {spec.name:<16} {status:<6} {seconds:6.1f} s   "
                   f"(elapsed {time.perf_counter() - t_start:6.1f} s)", flush=True)
