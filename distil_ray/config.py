@@ -254,6 +254,10 @@ class ModelConfig(Section):
     # student's prompts and the teacher's contexts alike (SDPO runs Qwen3 with false for both);
     # None: the template's own default
     enable_thinking: Optional[bool] = None
+    # False: the training prompts are the chat template's *text* with its special tokens
+    # (<|im_start|>, <|im_end|>) dropped and re-tokenised, as OPSD samples and trains its student
+    # (opsd_trainer.py:856-859, :975-990); validation prompts and the teacher's contexts keep them
+    train_prompt_special_tokens: bool = True
 
     def chat_template_kwargs(self) -> Dict[str, Any]:
         """What every ``apply_chat_template`` of the run is given besides the messages."""

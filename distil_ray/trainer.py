@@ -360,7 +360,8 @@ class Trainer:
         if cfg.eval.max_prompts is not None:
             val = val[: cfg.eval.max_prompts]
         template = cfg.model.chat_template_kwargs()
-        self.train_prompts = self._within_length(to_prompts(train, tokenizer, template), "train")
+        self.train_prompts = self._within_length(
+            to_prompts(train, tokenizer, template, special_tokens=cfg.model.train_prompt_special_tokens), "train")
         self.val_prompts = self._within_length(to_prompts(val, tokenizer, template), "validation")
         self.stream = PromptStream(self.train_prompts, cfg.trainer.prompts_per_step, seed=cfg.seed)
         log.info("%d train prompts, %d validation prompts", len(self.train_prompts), len(self.val_prompts))

@@ -108,7 +108,7 @@ def reprompt_group(
         if solution is not None and cfg.strip_thinking:
             solution = strip_thinking(solution)
         feedback = feedbacks[i] if cfg.include_environment_feedback else None
-        use_feedback = bool(feedback) and not (cfg.feedback_only_without_solution and solution is not None)
+        use_feedback = bool(feedback and feedback.strip()) and not (cfg.feedback_only_without_solution and solution is not None)
         if solution is None and not use_feedback:
             contexts.append(TeacherContext(None))
             continue
@@ -122,12 +122,17 @@ def reprompt_group(
 
 
 def reference_solution_context(
-    prompt_messages: Sequence[dict], reference_solution: str | None, template: str = OPSD_TEMPLATE
+    prompt_messages: Sequence[dict], reference_solution: str | None, template: str = OPSD_TEMPLATE,
+    problem: str | None = None,
 ) -> TeacherContext:
-    """OPSD: the teacher sees the task's reference solution (no signal where the task has none)."""
+    """OPSD: the teacher sees the task's reference solution (no signal where the task has none).
+    ``problem``: the bare problem where the task keeps one (math: ``reference["problem"]``), which
+    OPSD's teacher prompt restates in place of the student's whole turn — the template ends with the
+    instruction itself, so the student's copy of it would appear twice (data_collator.py:82-87)."""
     if not reference_solution:
         return TeacherContext(None)
-    text = template.format(prompt=prompt_messages[-1]["content"], reference_solution=reference_solution)
+    stated = problem if problem is not None else prompt_messages[-1]["content"]
+    text = template.format(prompt=stated, reference_solution=reference_solution)
     return TeacherContext(_with_last_user_turn(prompt_messages, text), used_solution=True)
 
 

@@ -27,13 +27,20 @@ def check_examples(examples: Sequence[TaskExample], split: str) -> list[TaskExam
     return examples
 
 
-def to_prompts(examples: Sequence[TaskExample], tokenizer, chat_template_kwargs: dict | None = None) -> list[Prompt]:
+def to_prompts(examples: Sequence[TaskExample], tokenizer, chat_template_kwargs: dict | None = None,
+               special_tokens: bool = True) -> list[Prompt]:
     """Chat-template each example once; the token ids travel from here on, never the text.
-    ``chat_template_kwargs``: e.g. ``{"enable_thinking": False}`` (``model.enable_thinking``)."""
+    ``chat_template_kwargs``: e.g. ``{"enable_thinking": False}`` (``model.enable_thinking``).
+    ``special_tokens=False``: the template's text decoded without its special tokens and tokenised
+    again without adding any (``model.train_prompt_special_tokens``: OPSD's student prompts,
+    ``"user\n{content}\nassistant\n"`` for Qwen3)."""
     prompts = []
     for ex in examples:
         ids = tokenizer.apply_chat_template(ex.messages, add_generation_prompt=True, return_dict=False,
                                             **(chat_template_kwargs or {}))
+        if not special_tokens:
+            text = tokenizer.decode(ids, skip_special_tokens=True)
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         prompts.append(Prompt(ex, np.asarray(ids, dtype=np.int32)))
     return prompts
 

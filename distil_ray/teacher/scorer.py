@@ -82,8 +82,10 @@ class TeacherScorer(EngineHolder):
 
     def _contexts(self, prompt: Prompt, graded: list[Graded]) -> list[TeacherContext]:
         if self.cfg.context == "reference_solution":
-            solution = (prompt.reference or {}).get("solution")
-            return [reference_solution_context(prompt.messages, solution)] * len(graded)
+            reference = prompt.reference or {}
+            context = reference_solution_context(prompt.messages, reference.get("solution"),
+                                                 problem=reference.get("problem"))
+            return [context] * len(graded)
         return reprompt_group(
             prompt.messages,
             [g.text for g in graded],

@@ -93,7 +93,8 @@ def test_local_sets_load_with_their_own_field_names(task, by_uid):
     assert "204" not in first.messages[0]["content"]
     assert any(e.reference["answer"] == "025" for e in aime)  # leading zeros are kept in the reference
 
-    assert by_uid["math/amc23/0"].reference == {"answer": "27"}  # float 27.0, no solution
+    amc0 = by_uid["math/amc23/0"]  # float 27.0, no solution; the bare problem for OPSD's teacher
+    assert amc0.reference == {"answer": "27", "problem": amc0.messages[0]["content"][: -len("\n" + INSTRUCTION)]}
     m0 = by_uid["math/minerva_math/0"]  # answer only inside the solution's \boxed{}
     assert m0.reference["answer"] == "1.6" and r"\boxed{1.6}" in m0.reference["solution"]
     assert m0.meta["source"] == "minerva_math" and m0.meta["type"].startswith("Introduction to Astronomy")

@@ -7,6 +7,10 @@
   both convert and the lists of values are equal. This is exact decimal equality, not a
   tolerance: ``1.0 == 1`` and ``1e3 == 1000``, but ``0.30000001 != 0.3``. A comparison that raises
   (signalling NaN) is a mismatch.
+* stdin tests, ``mode="exact"`` (SDPO's rule, lasgroup/SDPO ``verl/utils/reward_score/feedback/
+  code.py: run_test_std``): an expected output ending in ``-`` loses it (from its last ``-``); then
+  each text is ``strip()``-ed, its newlines replaced by spaces and its carriage returns dropped, and
+  the two strings must be equal: ``"1.0" != "1"`` and ``"a  b" != "a b"``.
 * functional tests (:func:`compare_functional`): the returned value after a JSON round trip
   (tuples become lists) ``==`` the expected output parsed as JSON (Python equality, so
   ``1 == 1.0``).
@@ -29,8 +33,28 @@ def _decimals(line: str) -> list[Decimal] | None:
         return None
 
 
-def compare_stdout(actual: str, expected: str) -> bool:
-    """The official harness's stdin comparison (see the module docstring)."""
+STDOUT_COMPARES = ("decimal", "exact")
+
+
+def _one_line(text: str) -> str:
+    return text.strip().replace("\n", " ").replace("\r", "")
+
+
+def compare_stdout_exact(actual: str, expected: str) -> bool:
+    """SDPO's stdin comparison (see the module docstring)."""
+    expected = expected.strip()
+    if expected.endswith("-"):
+        expected = expected[: expected.rfind("-")].rstrip()
+    return _one_line(actual) == _one_line(expected)
+
+
+def compare_stdout(actual: str, expected: str, mode: str = "decimal") -> bool:
+    """A stdin test's output against the expected one: the official harness's comparison
+    (``decimal``) or SDPO's (``exact``); see the module docstring."""
+    if mode == "exact":
+        return compare_stdout_exact(actual, expected)
+    if mode != "decimal":
+        raise ValueError(f"stdout_compare={mode!r}: must be one of {', '.join(STDOUT_COMPARES)}")
     got, want = _stripped_lines(actual), _stripped_lines(expected)
     if len(got) != len(want):
         return False

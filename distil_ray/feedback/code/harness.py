@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 
 from distil_ray.feedback.sandbox import Sandbox, SandboxLimits, SandboxSettings
 
-from .compare import compare_functional, compare_stdout
+from .compare import STDOUT_COMPARES, compare_functional, compare_stdout
 from .driver import COMPILE_ERROR_EXIT, TESTTYPES, build_driver, new_marker
 from .report import FeedbackFormat, feedback_text
 from .results import TestResult
@@ -36,6 +36,7 @@ class ExecutionLimits:
     total_timeout_s: float = 60.0  # all tests of one program together
     max_output_bytes: int | None = None  # per stream; None: 2 x the expected output, at least 1 MiB
     stop_on_first_failure: bool = False
+    stdout_compare: str = "decimal"  # how a stdin test's output is judged (compare.py: STDOUT_COMPARES)
     sandbox: SandboxLimits = field(default_factory=lambda: SandboxLimits(memory_mb=2048))
     settings: SandboxSettings = field(default_factory=SandboxSettings)
 
@@ -43,6 +44,8 @@ class ExecutionLimits:
         for name in ("timeout_s", "total_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}={getattr(self, name)!r}: must be positive")
+        if self.stdout_compare not in STDOUT_COMPARES:
+            raise ValueError(f"stdout_compare={self.stdout_compare!r}: must be one of {', '.join(STDOUT_COMPARES)}")
         if self.max_output_bytes is not None and self.max_output_bytes <= 0:
             raise ValueError(f"max_output_bytes={self.max_output_bytes!r}: must be positive (or None)")
 
@@ -80,15 +83,16 @@ class Verdict:
         return [r.status for r in self.results]
 
 
-def run_test(sandbox: Sandbox, driver: str, test: Mapping[str, str], testtype: str, marker: str) -> TestResult:
+def run_test(sandbox: Sandbox, driver: str, test: Mapping[str, str], testtype: str, marker: str,
+             stdout_compare: str = "decimal") -> TestResult:
     """One test: ``driver`` (from :func:`.driver.build_driver` with ``marker``) on ``test["input"]``,
-    its output compared with ``test["output"]``."""
+    its output compared with ``test["output"]`` (stdin tests by ``stdout_compare``)."""
     res = sandbox.run(driver, test["input"])
     wall = float(getattr(res, "wall_s", 0.0) or 0.0)
     stdout, stderr = res.stdout or "", res.stderr or ""
     if res.status == "ok":
         if testtype == "stdin":
-            ok = compare_stdout(stdout, test["output"])
+            ok = compare_stdout(stdout, test["output"], mode=stdout_compare)
             return TestResult("passed" if ok else "wrong_answer", actual=stdout, wall_s=wall)
         lines = [ln[len(marker):] for ln in stdout.split("\n") if ln.startswith(marker)]
         if not lines:
@@ -128,7 +132,8 @@ def run_tests(code: str, tests: Sequence[Mapping[str, str]], *, testtype: str = 
         if left <= _MIN_TEST_BUDGET_S:
             results += [TestResult("skipped", error="total time budget exhausted")] * (len(tests) - i)
             break
-        r = run_test(limits.sandbox_for(test["output"], min(limits.timeout_s, left)), driver, test, testtype, marker)
+        r = run_test(limits.sandbox_for(test["output"], min(limits.timeout_s, left)), driver, test, testtype, marker,
+                     limits.stdout_compare)
         if r.status == "timeout" and left < limits.timeout_s:
             r = replace(r, error=f"total time budget of {limits.total_timeout_s:g} s exhausted")
         results.append(r)

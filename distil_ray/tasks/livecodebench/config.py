@@ -11,7 +11,8 @@ from distil_ray.feedback.code import ExecutionLimits, FeedbackFormat
 from distil_ray.feedback.sandbox import SandboxLimits, SandboxSettings, split_sandbox_options
 from distil_ray.config import check_choice, check_positive
 from distil_ray.tasks.livecodebench.data import HUB_NAME, TEST_CASE_SOURCES, as_date
-from distil_ray.tasks.livecodebench.prompts import SYSTEM_PROMPT
+from distil_ray.feedback.code.compare import STDOUT_COMPARES
+from distil_ray.tasks.livecodebench.prompts import EXTRACTIONS, PROMPT_STYLES, SYSTEM_PROMPT
 
 # Sandbox options that have a field of their own here (the per-test limit and the memory limit).
 _OWN_FIELDS = ("timeout_s", "memory_mb")
@@ -34,6 +35,12 @@ class LiveCodeBenchConfig:
     train_fraction: float = 0.5  # share of each problem's tests the train split keeps
     seed: int = 0  # of that choice
     system_prompt: str | None = SYSTEM_PROMPT
+    prompt_style: str = "lcb"  # lcb | sdpo: the question's layout (prompts.py)
+    extraction: str = "last_python"  # last_python | longest: which code block is the program (prompts.py)
+    stdout_compare: str = "decimal"  # decimal (the official harness) | exact (SDPO): stdin outputs (compare.py)
+    # False: a response that passes every test gets empty feedback (SDPO), so unless a sibling's
+    # solution is shown its teacher has no context and it is not distilled
+    feedback_on_success: bool = True
     timeout_s: float = 6.0  # each test
     total_timeout_s: float = 60.0  # all tests of one response
     memory_mb: int = 2048
@@ -48,6 +55,9 @@ class LiveCodeBenchConfig:
 
     def __post_init__(self) -> None:
         check_choice("test_cases", self.test_cases, TEST_CASE_SOURCES)
+        check_choice("prompt_style", self.prompt_style, PROMPT_STYLES)
+        check_choice("extraction", self.extraction, EXTRACTIONS)
+        check_choice("stdout_compare", self.stdout_compare, STDOUT_COMPARES)
         if not 0.0 < self.train_fraction <= 1.0:
             raise ValueError(f"train_fraction={self.train_fraction!r}: must lie in (0, 1]")
         for name in ("start_date", "end_date"):
@@ -81,6 +91,7 @@ class LiveCodeBenchConfig:
             total_timeout_s=self.total_timeout_s,
             max_output_bytes=cap,
             stop_on_first_failure=self.stop_on_first_failure,
+            stdout_compare=self.stdout_compare,
             sandbox=SandboxLimits(memory_mb=self.memory_mb, **limit_options),
             settings=SandboxSettings(**setting_options),
         )

@@ -189,6 +189,7 @@ def example_from_record(
     train_fraction: float = 0.5,
     seed: int = 0,
     system_prompt: str | None = SYSTEM_PROMPT,
+    prompt_style: str = "lcb",
 ) -> TaskExample:
     """One hub record → a :class:`TaskExample` (``split="train"`` keeps the train subset of tests).
 
@@ -220,7 +221,7 @@ def example_from_record(
     return TaskExample(
         uid=f"livecodebench/{split}/{qid}",
         task="livecodebench",
-        messages=build_prompt(record["question_content"], starter, system_prompt),
+        messages=build_prompt(record["question_content"], starter, system_prompt, prompt_style),
         reference={"tests": tests, "testtype": testtype, "func_name": func_name},
         meta={
             "question_id": qid,

@@ -16,12 +16,14 @@ NO_CODE_FEEDBACK = "No code found: the response has no ```python code block."
 
 
 def grade_response(example: TaskExample, response: str, limits: ExecutionLimits = ExecutionLimits(),
-                   fmt: FeedbackFormat = FeedbackFormat()) -> Grade:
+                   fmt: FeedbackFormat = FeedbackFormat(), *, extraction: str = "last_python",
+                   feedback_on_success: bool = True) -> Grade:
     """Reward 1 only when every test passes; ``score``: the fraction passed; ``feedback``: the
-    harness's text (or a note that the response holds no code)."""
+    harness's text (or a note that the response holds no code; empty for a response that passes
+    every test when ``feedback_on_success`` is False)."""
     ref = example.reference
     tests = ref["tests"]
-    code = extract_code(response)
+    code = extract_code(response, extraction)
     if code is None or not code.strip():
         return Grade(reward=0.0, correct=False, score=0.0, feedback=NO_CODE_FEEDBACK, answer=None,
                      details={"statuses": [], "n_passed": 0, "n_tests": len(tests), "has_code": False})
@@ -30,7 +32,7 @@ def grade_response(example: TaskExample, response: str, limits: ExecutionLimits 
         reward=1.0 if v.correct else 0.0,
         correct=v.correct,
         score=v.score,
-        feedback=v.feedback,
+        feedback=v.feedback if (feedback_on_success or not v.correct) else "",
         answer=None,
         details={
             "statuses": v.statuses,
@@ -61,7 +63,7 @@ class LiveCodeBenchTask:
     def _example_options(self) -> dict[str, Any]:
         c = self.cfg
         return {"test_cases": c.test_cases, "train_fraction": c.train_fraction, "seed": c.seed,
-                "system_prompt": c.system_prompt}
+                "system_prompt": c.system_prompt, "prompt_style": c.prompt_style}
 
     def to_example(self, record: dict[str, Any], split: str) -> TaskExample:
         """One hub record as an example of ``split`` (no date filter)."""
@@ -79,4 +81,5 @@ class LiveCodeBenchTask:
     # -- grading --------------------------------------------------------------------------------
 
     def grade(self, example: TaskExample, response: str) -> Grade:
-        return grade_response(example, response, self.limits, self.feedback_format)
+        return grade_response(example, response, self.limits, self.feedback_format,
+                              extraction=self.cfg.extraction, feedback_on_success=self.cfg.feedback_on_success)

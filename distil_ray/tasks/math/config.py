@@ -27,6 +27,9 @@ class MathConfig:
     files: Mapping[str, str | Path] | None = None  # extra sources: {name: path}
     hub: Mapping[str, Any] | None = None  # overrides / additions to HUB_SOURCES
     instruction: str = INSTRUCTION  # appended to every problem
+    # put before each problem of the train split only (OPSD's student: "Problem: ", data_collator.py:52;
+    # its evaluation prompts have none, evaluate_math.py:340-342)
+    train_prefix: str = ""
     system_prompt: str | None = None
     timeout_s: float = 10.0  # math-verify's wall-clock limit per answer
     isolation: str = "process"  # where math-verify runs: process | thread

@@ -98,11 +98,13 @@ def normalize_record(record: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def to_example(record: Mapping[str, Any], source: str, split: str, index: int, *, instruction: str,
-               system_prompt: str | None, task: str = "math") -> TaskExample:
-    """One record of ``source`` (``index``: its position, the id when it has none)."""
+               system_prompt: str | None, task: str = "math", prefix: str = "") -> TaskExample:
+    """One record of ``source`` (``index``: its position, the id when it has none; ``prefix``: put
+    before the problem in the student's prompt). The bare problem is kept as ``reference["problem"]``:
+    OPSD's teacher context restates the problem without the student's prefix and instruction."""
     norm = normalize_record(record)
     rid = norm["id"] if norm["id"] is not None else index
-    reference = {"answer": norm["answer"]}
+    reference = {"answer": norm["answer"], "problem": norm["problem"]}
     if norm["solution"] is not None:
         reference["solution"] = norm["solution"]
     # "domain" is the label the evaluation groups by (val/domain/<source>/...): a test split of
@@ -111,7 +113,7 @@ def to_example(record: Mapping[str, Any], source: str, split: str, index: int, *
     for key in ("type", "problem_type", "level", "subject", "url"):
         if record.get(key) is not None:
             meta[key] = record[key]
-    messages = build_messages(norm["problem"], instruction, system_prompt)
+    messages = build_messages(prefix + norm["problem"], instruction, system_prompt)
     return TaskExample(uid=f"math/{source}/{rid}", task=task, messages=messages, reference=reference, meta=meta)
 
 

@@ -96,7 +96,8 @@ class MathTask:
 
     def to_example(self, record: Mapping[str, Any], source: str, split: str, index: int) -> TaskExample:
         return to_example(record, source, split, index, instruction=self.cfg.instruction,
-                          system_prompt=self.cfg.system_prompt, task=self.name)
+                          system_prompt=self.cfg.system_prompt, task=self.name,
+                          prefix=self.cfg.train_prefix if split == "train" else "")
 
     # -- grading ----------------------------------------------------------------------------
 
