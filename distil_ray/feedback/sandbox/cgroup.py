@@ -147,6 +147,15 @@ class _Cgroup:
         return _CgroupStats(self.limit_bytes, _cg_read_int(d, "memory.max_usage_in_bytes"),
                             _cg_read_int(d, "memory.failcnt") or 0, oom.get("oom_kill", 0))
 
+    def reset_peak(self) -> None:
+        """Start the peak usage over (v1; a session reads each run's own peak). cgroup v2 has no
+        such reset for everyone: its peak then covers the session so far."""
+        if self.version == "v1":
+            try:
+                _cg_write(self.dirs[0], "memory.max_usage_in_bytes", 0, optional=True)
+            except OSError:
+                pass
+
     def remove(self) -> None:
         """Remove the cgroup (empty by now: :meth:`kill` came first). Idempotent."""
         for d in self.dirs:
