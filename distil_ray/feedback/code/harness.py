@@ -17,6 +17,11 @@ with ``stop_on_first_failure`` those after the first failure.
   previous test (its processes are killed and the working directories wiped). The sandbox only
   ever receives the inputs: every output is compared here, outside it. A test that kills or
   stops the fork server ends that sandbox; the next test gets a new one.
+  With ``warm_sandbox`` (default) each process keeps one *spare* sandbox started ahead of time
+  (:meth:`Sandbox.spare_session`: started, the prelude imported, no program yet). A response takes
+  it and loads its program into it, and the next spare starts at once, while the tests run: the
+  ~90 ms of starting bwrap and the interpreter leave the response's critical path. A spare is
+  used by exactly one response, so no response ever sees a sandbox another one ran in.
 * ``"per_test"``: one sandbox (bwrap, cgroup, interpreter) per test, as :meth:`Sandbox.run`.
 
 Both give the same verdicts. ``parallel_tests`` > 1 runs that many tests at once (one sandbox
@@ -25,6 +30,8 @@ each, in threads); the results, the skipped tests and the feedback are those of 
 
 from __future__ import annotations
 
+import atexit
+import os
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -35,7 +42,7 @@ from distil_ray.feedback.sandbox import Sandbox, SandboxLimits, SandboxResult, S
 from distil_ray.feedback.sandbox.session import SandboxSession
 
 from .compare import compare_functional, compare_stdout
-from .driver import COMPILE_ERROR_EXIT, TESTTYPES, build_driver, build_driver_parts, new_marker
+from .driver import COMPILE_ERROR_EXIT, PRELOAD, TESTTYPES, build_driver, build_driver_parts, new_marker
 from .report import FeedbackFormat, feedback_text
 from .results import TestResult
 
@@ -58,6 +65,7 @@ class ExecutionLimits:
     settings: SandboxSettings = field(default_factory=SandboxSettings)
     execution: str = "per_response"  # one sandbox per response, or "per_test" (see the module docstring)
     parallel_tests: int = 1  # tests of one response run at once
+    warm_sandbox: bool = True  # per_response: keep a spare sandbox started for the next response
 
     def __post_init__(self) -> None:
         if self.execution not in EXECUTION_MODES:
@@ -156,7 +164,8 @@ class _SessionRunner:
 
     def __call__(self, test: Mapping[str, str], timeout_s: float, cap: int) -> SandboxResult:
         if self.session is None:
-            self.session = self.sandbox.session(self.run, setup=self.setup)
+            self.session = _take_session(self.sandbox, self.limits.warm_sandbox)
+            self.session.load(self.run, setup=self.setup)
         res = self.session.run(test["input"], timeout_s=timeout_s, max_output_bytes=cap)
         if self.session.broken:
             self.close()
@@ -166,6 +175,48 @@ class _SessionRunner:
         if self.session is not None:
             self.session.close()
             self.session = None
+
+
+# The spare sandboxes of this process, one per (limits, settings); never shared with a forked
+# copy of the process (each session checks its owner's pid, and the copy starts with none).
+_MAX_SPARES = 4
+_spares: dict[str, SandboxSession] = {}
+_spares_lock = threading.Lock()
+
+
+def _take_session(sandbox: Sandbox, warm: bool) -> SandboxSession:
+    """A started, never used session for one response: the spare if there is one, else a new
+    one; with ``warm``, the next spare starts now (it boots while this response's tests run)."""
+    key = repr((sandbox.limits, sandbox.settings))
+    with _spares_lock:
+        spare = _spares.pop(key, None)
+    if spare is not None and not spare.usable:
+        spare.close()
+        spare = None
+    session = spare if spare is not None else sandbox.spare_session(PRELOAD)
+    if warm:
+        new = sandbox.spare_session(PRELOAD)
+        with _spares_lock:
+            extra = [_spares.pop(key)] if key in _spares else []  # (another thread made one meanwhile)
+            _spares[key] = new
+            while len(_spares) > _MAX_SPARES:
+                extra.append(_spares.pop(next(iter(_spares))))
+        for s in extra:
+            s.close()
+    return session
+
+
+def close_spare_sandboxes() -> None:
+    """Stop this process's spare sandboxes (also done at exit)."""
+    with _spares_lock:
+        spares = list(_spares.values())
+        _spares.clear()
+    for s in spares:
+        s.close()
+
+
+atexit.register(close_spare_sandboxes)
+os.register_at_fork(after_in_child=_spares.clear)
 
 
 def run_tests(code: str, tests: Sequence[Mapping[str, str]], *, testtype: str = "stdin",

@@ -3,12 +3,13 @@ the same program many times (once per test of a response) without starting a new
 interpreter or a new cgroup each time.
 
 It is started like the supervisor (``python -I -S -c _FORKSERVER <spec as JSON>``, inside bwrap or
-in the rlimits-only fallback) and shares its code (:data:`.supervisor._COMMON`). Once, at start:
-
-* it runs the *setup* program (``setup.py``, trusted code of the caller: it may import modules and
-  compile, never run, the untrusted program) in a namespace, and compiles the *main* program;
-* it becomes a child subreaper and non-dumpable (programs of its own uid cannot read its memory
-  or its file descriptors through ``/proc``).
+in the rlimits-only fallback) and shares its code (:data:`.supervisor._COMMON`). Once, at start, it
+becomes a child subreaper and non-dumpable (programs of its own uid cannot read its memory or its
+file descriptors through ``/proc``) and runs the *preload* program (trusted imports). A session
+may be started that far ahead of time, before its program is known (a spare). Its first request
+then loads the program: the server runs the *setup* program (``setup.py``, trusted code of the
+caller: it may import modules and compile, never run, the untrusted program) in a namespace, and
+compiles the *main* program (``main.py``), both written by the host just before.
 
 Then, per request read from its standard input (a JSON line, then the input's bytes), it forks a
 child that takes its own process group, gets the input as standard input (a memfd) and fresh
@@ -31,7 +32,7 @@ import atexit, select, types
 
 PR_SET_DUMPABLE = 4
 uid_switch = spec["switch_uid"]
-work, clean_dirs, argv = spec["work"], spec["clean"], spec["argv"]
+work, clean_dirs, argv = spec["work"], spec["clean"], []
 
 def read_exactly(n, buf):
     while len(buf) < n:
@@ -292,6 +293,19 @@ try:
 except OSError:
     pass
 try:
+    # Trusted imports, before any program is known: a spare session is started ahead of time
+    # with them, so that loading the program later costs only its compilation.
+    exec(compile(spec["preload"], "<preload>", "exec"), {})
+except BaseException as exc:
+    report(event="setup_failed", error=repr(exc))
+    os._exit(127)
+report(event="started", pid=os.getpid())
+os.set_inheritable(status_fd, False)
+
+def load(req):
+    # The first request names the program: setup.py and main.py have been written by now.
+    global namespace, main_code, main_error, argv
+    argv = req["argv"]
     namespace = {"__name__": "__main__", "__file__": spec["code_file"], "__builtins__": __builtins__}
     with open(spec["setup_file"], encoding="utf-8") as f:
         exec(compile(f.read(), spec["setup_file"], "exec"), namespace)
@@ -301,11 +315,15 @@ try:
         main_code, main_error = compile(main_source, spec["code_file"], "exec"), None
     except (SyntaxError, ValueError, OverflowError, MemoryError, RecursionError) as e:
         main_code, main_error = None, e
+
+req, _ = next_request()
+if req is None:
+    os._exit(0)
+try:
+    load(req)
 except BaseException as exc:
     report(event="setup_failed", error=repr(exc))
     os._exit(127)
-report(event="started", pid=os.getpid())
-os.set_inheritable(status_fd, False)
 while True:
     req, data = next_request()
     if req is None:

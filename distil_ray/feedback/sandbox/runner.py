@@ -87,16 +87,24 @@ class Sandbox:
         :meth:`SandboxSession.run`, each run contained and classified as by :meth:`run`.
         ``setup`` runs once, before any run, in the sandbox's fork server, *not confined*: trusted
         code only (imports, compiling the untrusted program); its globals are the program's."""
+        session = self.spare_session(args=args)
+        session.load(code, setup, args)
+        return session
+
+    def spare_session(self, preload: str = "", args: Sequence[str] = ()) -> SandboxSession:
+        """A session started now, whose program comes later (:meth:`SandboxSession.load`): the
+        sandbox and its interpreter start (and ``preload``, trusted imports, runs) while the
+        caller does something else. Nothing runs in it before the load."""
         mode, reason = self._choose_isolation()
         if mode == "bwrap":
-            return SandboxSession(self, code, setup, args, use_bwrap=True,
-                                  run_as=_fresh_uid() if _is_root() else None, warning=None)
+            return SandboxSession(self, preload, args, use_bwrap=True, run_as=_fresh_uid() if _is_root() else None,
+                                  warning=None)
         run_as = self._fallback_uid()
         root_note = None
         if _is_root() and run_as is None:
             root_note = ("The program ran as root (the interpreter is not reachable by other users), "
                          "where RLIMIT_NPROC does not apply.")
-        return SandboxSession(self, code, setup, args, use_bwrap=False, run_as=run_as,
+        return SandboxSession(self, preload, args, use_bwrap=False, run_as=run_as,
                               warning=_join_warnings(reason, root_note))
 
     # -- isolation choice -------------------------------------------------------------------------
@@ -168,17 +176,17 @@ class Sandbox:
              run_as: int | None) -> SandboxResult:
         """One execution. ``run_as``: the uid (= gid) the supervisor switches the program to."""
         stdin_bytes = stdin.encode("utf-8") if isinstance(stdin, str) else bytes(stdin)
-        with self._launch(code, stdin_bytes, args, use_bwrap=use_bwrap, run_as=run_as) as (launch, cgroup, warning):
+        with self._launch(code, stdin_bytes, args, use_bwrap=use_bwrap, run_as=run_as) as (launch, cgroup, warning, _):
             res = execute(launch, self.limits, cgroup)
             res.warning = _join_warnings(res.warning, warning)
             return res
 
     @contextlib.contextmanager
     def _launch(self, code: str, stdin: bytes, args: Sequence[str], *, use_bwrap: bool, run_as: int | None,
-                setup: str | None = None) -> Iterator[tuple[Launch, _Cgroup | None, str | None]]:
+                preload: str | None = None) -> Iterator[tuple[Launch, _Cgroup | None, str | None, str]]:
         """The run directory, cgroup, report pipes and command line of one launch, all removed
-        when the context ends: (launch, cgroup, warnings). ``setup`` not None: a session's fork
-        server (:mod:`.forkserver`) runs ``code`` once per request, after ``setup``."""
+        when the context ends: (launch, cgroup, warnings, run directory). ``preload`` not None: a
+        session's fork server (:mod:`.forkserver`), whose program is loaded later."""
         interp = _interpreter(self.settings.python)
         flags = ["-I"] if self.settings.allow_site_packages else ["-I", "-S"]
         # the caller's pid in the names: what a later caller sweeps if this one is killed (sweep.py)
@@ -193,7 +201,7 @@ class Sandbox:
                 "may create user namespaces, use kernel keyrings, io_uring, bpf and ptrace.")
             pipes = ReportPipes(with_info=use_bwrap)
             code_path = os.path.join(run_dir, "main.py")
-            files = {code_path: code} if setup is None else {code_path: code, os.path.join(run_dir, "setup.py"): setup}
+            files = {code_path: code} if preload is None else {code_path: "", os.path.join(run_dir, "setup.py"): ""}
             for path, text in files.items():
                 with open(path, "w", encoding="utf-8") as f:
                     f.write(text)
@@ -213,7 +221,7 @@ class Sandbox:
                 "keyctl_nr": abi.nr["keyctl"] if abi else None,
                 "seccomp": seccomp,
             }
-            if setup is None:
+            if preload is None:
                 spec = {**confinement, "rlimits": self.limits.rlimits(), "uid": run_as, "gid": run_as,
                         "subreaper": not use_bwrap, "argv": [interp.executable, *flags, inner_code, *map(str, args)]}
                 program = _SUPERVISOR
@@ -221,21 +229,25 @@ class Sandbox:
                 # (rlimits and time limits come with each request)
                 spec = {**confinement, "switch_uid": run_as is not None, "code_file": inner_code,
                         "setup_file": os.path.join(os.path.dirname(inner_code), "setup.py"),
-                        "argv": [inner_code, *map(str, args)], "work": work,
+                        "preload": preload, "work": work,
                         "clean": [work, "/tmp", "/dev/shm"] if use_bwrap else [work],
                         "chown_work": not use_bwrap and run_as is not None}
                 program = _FORKSERVER
             supervisor = [interp.executable, "-I", "-S", "-c", program, json.dumps(spec)]
+            if preload is not None:
+                # (unused by the server: its forked runs inherit its command line, which then
+                # names the program's arguments, as a run of its own does)
+                supervisor += map(str, args)
             if use_bwrap:
                 argv = self._bwrap_argv(interp, code_path, env, pipes.info_w, root=_is_root(),
-                                        session=setup is not None) + supervisor
+                                        session=preload is not None) + supervisor
                 # bwrap gets no secrets either: its init process is readable from inside.
                 launch_env, cwd = {"PATH": _BASE_PATH, "LANG": "C.UTF-8"}, "/"
             else:
                 argv = supervisor
                 launch_env, cwd = {**env, RUN_MARKER_VAR: run_id}, work
             launch = Launch(tuple(argv), launch_env, cwd, stdin, use_bwrap, run_id, pipes)
-            yield launch, cgroup, _join_warnings(cgroup_warning, seccomp_warning)
+            yield launch, cgroup, _join_warnings(cgroup_warning, seccomp_warning), run_dir
         finally:
             if pipes is not None:
                 pipes.close()

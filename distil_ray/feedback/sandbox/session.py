@@ -42,7 +42,7 @@ class SandboxSession:
     """One sandbox that runs ``code`` once per :meth:`run` (see the module docstring). Use it as
     a context manager, or call :meth:`close`. Not thread-safe: one run at a time."""
 
-    def __init__(self, sandbox: "Sandbox", code: str, setup: str, args: Sequence[str], *, use_bwrap: bool,
+    def __init__(self, sandbox: "Sandbox", preload: str, args: Sequence[str] = (), *, use_bwrap: bool,
                  run_as: int | None, warning: str | None):
         self.limits = sandbox.limits
         self.broken = False
@@ -52,9 +52,16 @@ class SandboxSession:
         self._events: list[dict] = []
         self._diag = {1: bytearray(), 2: bytearray()}
         self.proc: subprocess.Popen | None = None
+        self.loaded = False
+        self._pending = bytearray()  # the load request, sent with the first run's
+        self._oom_base: int | None = None  # the cgroup's OOM kills before the current run
+        self._owner = os.getpid()
         try:
-            launch, cgroup, launch_warning = self._stack.enter_context(
-                sandbox._launch(code, b"", args, use_bwrap=use_bwrap, run_as=run_as, setup=setup))
+            launch, cgroup, launch_warning, run_dir = self._stack.enter_context(
+                sandbox._launch("", b"", args, use_bwrap=use_bwrap, run_as=run_as, preload=preload))
+            # where main.py appears to the program (runner._SANDBOX_CODE under bwrap)
+            self._code_path = os.path.join(run_dir, "main.py")
+            self._inner_code = "/sandbox/main.py" if use_bwrap else self._code_path
             self.isolation, self.cgroup = launch.isolation, cgroup
             self.warning = " ".join(w for w in (warning, launch_warning) if w) or None
             argv = list(launch.argv) if cgroup is None else cgroup.launcher(list(launch.argv))
@@ -88,7 +95,31 @@ class SandboxSession:
 
     def close(self) -> None:
         """Kill everything the session started and remove its cgroup and run directory."""
-        self._stack.close()
+        if os.getpid() == self._owner:  # (a forked copy of the caller owns none of it)
+            self._stack.close()
+
+    @property
+    def usable(self) -> bool:
+        """Whether a spare can still be loaded: its server has not ended, in this process."""
+        return (not self.broken and not self.loaded and self.proc is not None and self.proc.poll() is None
+                and os.getpid() == self._owner)
+
+    def load(self, code: str, setup: str = "", args: Sequence[str] = ()) -> None:
+        """Give the session its program (once): ``code`` becomes ``main.py`` and ``setup`` runs
+        first, in the fork server (see :meth:`Sandbox.session`). A failure to load shows as the
+        first run's ``sandbox_error``."""
+        if self.loaded:
+            raise RuntimeError("this session has a program already")
+        self.loaded = True
+        if self.proc is None or self.broken:
+            return
+        # The files keep their inodes (truncated and rewritten): the sandbox's read-only bind
+        # mounts show the new text.
+        for path, text in ((self._code_path, code), (os.path.join(os.path.dirname(self._code_path), "setup.py"), setup)):
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(text)
+        argv = [self._inner_code, *map(str, args)]
+        self._pending = bytearray(json.dumps({"load": True, "argv": argv, "n": 0}).encode() + b"\n")
 
     def _shutdown(self) -> None:
         try:
@@ -114,10 +145,13 @@ class SandboxSession:
         if self.proc is None or self.broken:
             why = getattr(self, "_start_error", "the session is broken (a previous run ended its server)")
             return SandboxResult("sandbox_error", "", f"[sandbox] {why}", None, 0.0, getattr(self, "isolation", "?"))
+        if not self.loaded:
+            raise RuntimeError("load() the program first")
         data = stdin.encode("utf-8") if isinstance(stdin, str) else bytes(stdin)
         head = {"n": len(data), "timeout_s": limits.timeout_s, "cap": limits.max_output_bytes,
                 "rlimits": limits.rlimits()}
-        request = memoryview(json.dumps(head).encode() + b"\n" + data)
+        request = memoryview(bytes(self._pending) + json.dumps(head).encode() + b"\n" + data)
+        self._pending = bytearray()
         base = self._memory_baseline()
         t0 = time.monotonic()
         deadline = t0 + limits.timeout_s + _REPLY_GRACE_S + (0.0 if self._started else _START_GRACE_S)
@@ -168,7 +202,7 @@ class SandboxSession:
             res.returncode = -res.signal
         else:
             res.returncode = os.waitstatus_to_exitcode(ws)
-        res.status = _classify(res, limits, self._memory_since(base))
+        res.status = _classify(res, limits, self._memory_since(base, succeeded=res.returncode == 0))
         return res
 
     def _read(self, key) -> bool:
@@ -246,18 +280,28 @@ class SandboxSession:
             res.stderr += "\n[sandbox] the program's supervisor ended before the program did"
         return res
 
-    # -- the cgroup's memory counters, per run ------------------------------------------------------
+    # -- the cgroup's memory counters, per run ----------------------------------------------------
 
     def _memory_baseline(self) -> _CgroupStats | None:
+        """Counters before a run. v1 resets the peak and the limit hits (so only the OOM kills
+        need a baseline, the previous run's count); v2 cannot: all its counters are read."""
         if self.cgroup is None:
             return None
-        self.cgroup.reset_peak()
+        if self.cgroup.reset_counters():
+            if self._oom_base is None:
+                self._oom_base = self.cgroup.oom_kill_count()
+            return _CgroupStats(self.cgroup.limit_bytes, None, 0, self._oom_base)
         return self.cgroup.stats()
 
-    def _memory_since(self, base: _CgroupStats | None) -> _CgroupStats | None:
-        """The cgroup's memory counters of this run alone (the session's cgroup lives on)."""
+    def _memory_since(self, base: _CgroupStats | None, *, succeeded: bool = False) -> _CgroupStats | None:
+        """The cgroup's memory counters of this run alone (the session's cgroup lives on). A run
+        that succeeded needs only the OOM kills (see ``_classify``): one file read."""
         if self.cgroup is None or base is None:
             return None
+        oom = self.cgroup.oom_kill_count()
+        self._oom_base = oom
+        if succeeded and oom == base.oom_kills:
+            return _CgroupStats(base.limit_bytes, None, 0, 0)
         now = self.cgroup.stats()
         return _CgroupStats(now.limit_bytes, now.peak_bytes, now.limit_hits - base.limit_hits,
                             now.oom_kills - base.oom_kills)
