@@ -215,3 +215,28 @@ def test_execution_settings_are_checked():
         ExecutionLimits(execution="threads")
     with pytest.raises(ValueError, match="^parallel_tests=0"):
         ExecutionLimits(parallel_tests=0)
+
+
+def test_livecodebench_grading_is_the_same_in_both_modes():
+    import json
+
+    from distil_ray.tasks.livecodebench import LiveCodeBenchConfig, LiveCodeBenchTask, example_from_record
+    from tests.shared_data import SHARED_DATA
+
+    records = SHARED_DATA / "samples" / "livecodebench_records.jsonl"
+    if not records.exists():
+        pytest.skip(f"LiveCodeBench sample records not found under {records.parent}")
+    example = example_from_record(json.loads(records.read_text().splitlines()[0]), "test")
+    right = "t = int(input())\nfor _ in range(t):\n    s = input().strip()\n    print('YES' if sum(a != b for a, b in zip(s, 'abc')) != 3 else 'NO')\n"
+    wrong = "t = int(input())\nfor _ in range(t):\n    input()\n    print('YES')\n"
+    grades = {}
+    for mode in MODES:
+        task = LiveCodeBenchTask(LiveCodeBenchConfig(execution=mode))
+        grades[mode] = [task.grade(example, f"```python\n{code}```") for code in (right, wrong)]
+    (right_a, wrong_a), (right_b, wrong_b) = grades["per_response"], grades["per_test"]
+    assert right_a.details["statuses"] == right_b.details["statuses"] == ["passed"] * 5
+    assert wrong_a.details["statuses"] == wrong_b.details["statuses"] == ["wrong_answer", "passed", "passed",
+                                                                          "wrong_answer", "passed"]
+    assert (right_a.feedback, wrong_a.feedback) == (right_b.feedback, wrong_b.feedback)
+    with pytest.raises(ValueError, match="^execution="):
+        LiveCodeBenchConfig(execution="threads")
