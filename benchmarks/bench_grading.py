@@ -16,6 +16,9 @@ is checked). Serial: each response timed alone, the graders taking turns; the me
 ``--reps``. With 2 workers: batches of responses over a pool of 2 processes (forked, so each
 holds its own sandbox state), s/response = batch time / batch size, graders taking turns.
 
+Graders: the reference, ``per_response`` (the default), ``per_test``, and ``per_response`` with
+``parallel_tests=2`` (for information: the reference runs its tests one after another).
+
 Printed: s/response, tests/s, the ratio to the reference; then a fit, per grader, of s/response
 = fixed + per-test x n (from the 1- and 50-test workloads), and for ``per_response`` the share of
 a test spent in the test's own process (fork to exit, as the fork server measures it).
@@ -142,14 +145,16 @@ def reference_grade(code: str, tests: list[dict[str, str]], timeout_s: float) ->
 
 # -- the graders ------------------------------------------------------------------------------------
 
-GRADERS = ("reference", "per_response", "per_test")
+GRADERS = ("reference", "per_response", "per_test", "per_response, 2 tests at once")
 
 
 def grade(grader: str, name: str) -> list[str]:
     code, tests, timeout_s = WORKLOADS[name]
     if grader == "reference":
         return reference_grade(code, tests, timeout_s)
-    limits = ExecutionLimits(timeout_s=timeout_s, sandbox=SandboxLimits(memory_mb=2048), execution=grader)
+    execution, _, parallel = grader.partition(", ")
+    limits = ExecutionLimits(timeout_s=timeout_s, sandbox=SandboxLimits(memory_mb=2048), execution=execution,
+                             parallel_tests=2 if parallel else 1)
     v = check_program(code, tests, limits=limits)
     return v.statuses
 
@@ -196,7 +201,7 @@ def main() -> None:
                         samples[g].append(dt)
             else:
                 with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as pool:
-                    list(pool.map(grade, [g for g in GRADERS for _ in range(workers)], [name] * 3 * workers))
+                    list(pool.map(grade, [g for g in GRADERS for _ in range(workers)], [name] * len(GRADERS) * workers))
                     for _ in range(max(1, args.reps // 2)):
                         for g in GRADERS:
                             t0 = time.perf_counter()
@@ -209,14 +214,14 @@ def main() -> None:
                 rows.append((name, workers, g, med, n_tests / med, med / ref))
             print(f"  done: {name}, {workers} worker(s)", file=sys.stderr, flush=True)
 
-    print(f"\n{'workload':32} {'workers':>7} {'grader':>13} {'s/response':>11} {'tests/s':>9} {'x reference':>11}")
+    print(f"\n{'workload':32} {'workers':>7} {'grader':>30} {'s/response':>11} {'tests/s':>9} {'x reference':>11}")
     for name, workers, g, med, tps, ratio in rows:
-        print(f"{name:32} {workers:>7} {g:>13} {med:>11.4f} {tps:>9.1f} {ratio:>11.2f}")
+        print(f"{name:32} {workers:>7} {g:>30} {med:>11.4f} {tps:>9.1f} {ratio:>11.2f}")
 
     print("\nper-test cost (serial; fit of the 1- and 50-test workloads: s/response = fixed + per test x n)")
     med = {(n, g): m for n, w, g, m, _, _ in rows if w == 1}
     one, fifty = "1 stdin test, correct", "50 stdin tests, correct"
-    for g in GRADERS:
+    for g in GRADERS[:3]:
         if (one, g) in med and (fifty, g) in med:
             per_test = (med[(fifty, g)] - med[(one, g)]) / 49
             fixed = med[(one, g)] - per_test

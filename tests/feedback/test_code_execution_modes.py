@@ -185,6 +185,15 @@ def test_stop_on_first_failure_and_parallel_tests_match_a_serial_full_run():
         assert {r.error for r in stop[6:]} == {"stopped at the first failure"}
 
 
+def test_spares_outlive_the_worker_threads_that_asked_for_them():
+    # bwrap dies with the *thread* that started it: a spare started from a parallel_tests worker
+    # thread, which ends with its response, must not be the one the next response gets
+    limits = limits_for("per_response", parallel_tests=2)
+    for _ in range(8):
+        v = check_program(SUM, SUM_TESTS, limits=limits)
+        assert v.statuses == ["passed"] * 3, v.feedback
+
+
 def test_a_test_that_breaks_its_sandbox_does_not_take_the_others_down(monkeypatch):
     # The host stops waiting for an answer before the server gives one: that session is ended,
     # the run counted as a time-out, and the next test gets a new sandbox.

@@ -195,7 +195,7 @@ def _take_session(sandbox: Sandbox, warm: bool) -> SandboxSession:
         spare = None
     session = spare if spare is not None else sandbox.spare_session(PRELOAD)
     if warm:
-        new = sandbox.spare_session(PRELOAD)
+        new = _spare_starter().submit(sandbox.spare_session, PRELOAD).result()
         with _spares_lock:
             extra = [_spares.pop(key)] if key in _spares else []  # (another thread made one meanwhile)
             _spares[key] = new
@@ -204,6 +204,26 @@ def _take_session(sandbox: Sandbox, warm: bool) -> SandboxSession:
         for s in extra:
             s.close()
     return session
+
+
+def _spare_starter() -> ThreadPoolExecutor:
+    """The thread that starts the spares. It lives as long as the process: bwrap's
+    ``--die-with-parent`` fires when the *thread* that started it ends, and a spare outlives the
+    response (and the ``parallel_tests`` worker thread) that asked for it."""
+    global _starter
+    with _spares_lock:
+        if _starter is None:
+            _starter = ThreadPoolExecutor(1, thread_name_prefix="sandbox-spare")
+        return _starter
+
+
+_starter: ThreadPoolExecutor | None = None
+
+
+def _after_fork_in_child() -> None:
+    global _starter
+    _spares.clear()
+    _starter = None  # (its thread did not survive the fork)
 
 
 def close_spare_sandboxes() -> None:
@@ -216,7 +236,7 @@ def close_spare_sandboxes() -> None:
 
 
 atexit.register(close_spare_sandboxes)
-os.register_at_fork(after_in_child=_spares.clear)
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def run_tests(code: str, tests: Sequence[Mapping[str, str]], *, testtype: str = "stdin",

@@ -94,7 +94,9 @@ class Sandbox:
     def spare_session(self, preload: str = "", args: Sequence[str] = ()) -> SandboxSession:
         """A session started now, whose program comes later (:meth:`SandboxSession.load`): the
         sandbox and its interpreter start (and ``preload``, trusted imports, runs) while the
-        caller does something else. Nothing runs in it before the load."""
+        caller does something else. Nothing runs in it before the load. Under bwrap the session
+        dies with the *thread* that started it (``--die-with-parent``): start a session that is to
+        outlive its thread from a long-lived one."""
         mode, reason = self._choose_isolation()
         if mode == "bwrap":
             return SandboxSession(self, preload, args, use_bwrap=True, run_as=_fresh_uid() if _is_root() else None,
