@@ -35,6 +35,12 @@ class Grader:
             logging.getLogger(__name__).warning("sweeping sandbox leftovers failed: %s", e)
         self.task = cfg.build()
 
+    def close(self) -> None:
+        """Stop the spare sandbox this process keeps for the next response (code tasks)."""
+        from distil_ray.feedback.code.harness import close_spare_sandboxes
+
+        close_spare_sandboxes()
+
     def grade(self, example: TaskExample | Prompt, rollout: Rollout) -> Graded:
         """Grade one rollout against its example (or the Prompt that carries it)."""
         if isinstance(example, Prompt):
@@ -116,6 +122,11 @@ class FeedbackPool:
         return list(self._pool.map(lambda worker, job: worker.grade.remote(*job), list(pairs)))
 
     def shutdown(self) -> None:
+        # ray.kill skips the actors' exit handlers: first let each stop its spare sandbox
+        try:
+            ray.get([w.close.remote() for w in self.workers], timeout=10)
+        except Exception as e:  # noqa: BLE001 - a stuck or dead actor is killed all the same
+            logging.getLogger(__name__).warning("closing the graders' sandboxes failed: %s", e)
         for worker in self.workers:
             ray.kill(worker)
         self.workers = []

@@ -6,6 +6,10 @@ host still has it. Tests of namespace guarantees are skipped (with bubblewrap's 
 bwrap does not work; the destructive ones never run in the rlimits-only mode. Tests of the per-run
 cgroup are skipped (with the reason) where this process cannot create cgroups, and those of the
 seccomp filter on an architecture without one.
+
+Every test runs twice: with one sandbox per run (``Sandbox.run``) and through a session's fork
+server (``Sandbox.session``, one sandbox per response in the code harness), where each run is a
+child forked inside an already started sandbox.
 """
 
 from __future__ import annotations
@@ -54,6 +58,20 @@ needs_cgroup = pytest.mark.skipif(isinstance(CGROUP_LAYOUT, str),
                                   reason=f"no writable cgroup on this machine: {CGROUP_LAYOUT}")
 ABI = sandbox_seccomp._seccomp_for_host()[0]
 needs_seccomp = pytest.mark.skipif(ABI is None, reason=f"no seccomp filter for {os.uname().machine}")
+
+
+def run_in_session(self: Sandbox, code: str, stdin: str | bytes = "", args=()) -> sandbox.SandboxResult:
+    with self.session(code, args=args) as session:
+        return session.run(stdin)
+
+
+@pytest.fixture(autouse=True, params=["per_test", "per_response"])
+def execution(request, monkeypatch) -> str:
+    """Each test in both execution modes: ``Sandbox.run`` (and so ``run_python``) goes through a
+    session in the second."""
+    if request.param == "per_response":
+        monkeypatch.setattr(Sandbox, "run", run_in_session)
+    return request.param
 
 
 @pytest.fixture

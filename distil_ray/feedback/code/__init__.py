@@ -11,7 +11,10 @@
   :class:`ExecutionLimits`) and :func:`check_program` (plus the :class:`Verdict`);
 * :mod:`.report`: per-test results → the feedback text (:class:`FeedbackFormat`).
 
-Every execution goes through :class:`distil_ray.feedback.sandbox.Sandbox`, one process per test.
+Every execution goes through :class:`distil_ray.feedback.sandbox.Sandbox`: by default one sandbox
+per response (a session: one process per test forked inside it), or one per test
+(``ExecutionLimits(execution="per_test")``); see :mod:`.harness`. Outputs are compared here, never
+inside the sandbox.
 """
 
 from .compare import compare_functional, compare_stdout

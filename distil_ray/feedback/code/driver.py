@@ -14,6 +14,10 @@ solution's own lines; only those frames are shown) and then
 
 A solution that does not compile exits with :data:`COMPILE_ERROR_EXIT`; an exception it raises
 leaves its traceback on stderr and exit code 1.
+
+The driver comes in two parts (:func:`build_driver_parts`): the setup (compile the solution,
+import the prelude) and the per-test part (run it). One sandbox per test runs both; one sandbox
+per response (a session) runs the setup once and forks a process per test for the second.
 """
 
 from __future__ import annotations
@@ -33,10 +37,18 @@ PRELUDE = (
     + "sys.setrecursionlimit(50000)\n"
 )
 
+# What a session's fork server imports before it knows the program (a spare sandbox, started
+# ahead of time): the prelude and the driver's own modules, so that loading costs a compile only.
+PRELOAD = "import io, json, linecache, traceback, " + ", ".join(
+    m for m in _PRELUDE_MODULES if m != "builtins") + "\n"
+
 COMPILE_ERROR_EXIT = 3
 SOLUTION_FILE = "solution.py"
 
-_DRIVER_BODY = r'''
+# Everything that does not depend on the test: compiling the solution and importing the prelude.
+# In a session (one sandbox per response) it runs once, in the fork server, before any test; it
+# never runs the solution (a compile error is reported by the first test's run).
+_DRIVER_SETUP = r'''
 import sys as _sys, io as _io, json as _json, linecache as _lc, traceback as _tb
 _lc.cache[_FILE] = (len(_SRC), None, _SRC.splitlines(True), _FILE)
 
@@ -51,13 +63,19 @@ def _report(exc):
     _sys.__stderr__.flush()
 
 try:
-    _code = compile(_SRC, _FILE, "exec")
+    _code, _compile_error = compile(_SRC, _FILE, "exec"), None
 except (SyntaxError, ValueError, OverflowError, MemoryError, RecursionError) as _e:
-    _report(_e)
-    _sys.exit(_COMPILE_EXIT)
+    _code, _compile_error = None, _e
 
 _ns = {"__name__": "__main__" if _MODE == "stdin" else "solution", "__file__": _FILE}
 exec(_PRELUDE, _ns)
+'''
+
+# One test: runs the solution (in the test's own process).
+_DRIVER_RUN = r'''
+if _code is None:
+    _report(_compile_error)
+    _sys.exit(_COMPILE_EXIT)
 
 if _MODE == "stdin":
     try:
@@ -106,6 +124,13 @@ def new_marker() -> str:
 
 def build_driver(code: str, testtype: str, func_name: str | None, marker: str) -> str:
     """The program the sandbox runs for each test of ``code`` (see the module docstring)."""
+    setup, run = build_driver_parts(code, testtype, func_name, marker)
+    return setup + run
+
+
+def build_driver_parts(code: str, testtype: str, func_name: str | None, marker: str) -> tuple[str, str]:
+    """The driver as (setup, per-test part): a session runs the setup once, in its fork server,
+    and the per-test part in each test's process; :func:`build_driver` is the two together."""
     header = {
         "_SRC": code,
         "_MODE": testtype,
@@ -115,4 +140,4 @@ def build_driver(code: str, testtype: str, func_name: str | None, marker: str) -
         "_COMPILE_EXIT": COMPILE_ERROR_EXIT,
         "_PRELUDE": PRELUDE,
     }
-    return "".join(f"{k} = {v!r}\n" for k, v in header.items()) + _DRIVER_BODY
+    return "".join(f"{k} = {v!r}\n" for k, v in header.items()) + _DRIVER_SETUP, _DRIVER_RUN

@@ -7,23 +7,48 @@ what is left of ``total_timeout_s``), the sandbox's memory and process limits, a
 (``max_output_bytes``, default: twice the expected output, at least 1 MiB). Tests still unrun
 when ``total_timeout_s`` runs out are ``skipped``; so are the tests after a compile error, and
 with ``stop_on_first_failure`` those after the first failure.
+
+``execution`` says how the tests are contained:
+
+* ``"per_response"`` (default): one sandbox for all the tests of a response
+  (:meth:`Sandbox.session`). The solution is compiled and the prelude imported once, in the
+  sandbox's fork server; each test is a process forked from it, with its own process group, a
+  fresh uid (run by root), the test's time, memory and output limits, and nothing left of the
+  previous test (its processes are killed and the working directories wiped). The sandbox only
+  ever receives the inputs: every output is compared here, outside it. A test that kills or
+  stops the fork server ends that sandbox; the next test gets a new one.
+  With ``warm_sandbox`` (default) each process keeps one *spare* sandbox started ahead of time
+  (:meth:`Sandbox.spare_session`: started, the prelude imported, no program yet). A response takes
+  it and loads its program into it, and the next spare starts at once, while the tests run: the
+  ~90 ms of starting bwrap and the interpreter leave the response's critical path. A spare is
+  used by exactly one response, so no response ever sees a sandbox another one ran in.
+* ``"per_test"``: one sandbox (bwrap, cgroup, interpreter) per test, as :meth:`Sandbox.run`.
+
+Both give the same verdicts. ``parallel_tests`` > 1 runs that many tests at once (one sandbox
+each, in threads); the results, the skipped tests and the feedback are those of a serial run.
 """
 
 from __future__ import annotations
 
+import atexit
+import os
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
-from distil_ray.feedback.sandbox import Sandbox, SandboxLimits, SandboxSettings
+from distil_ray.feedback.sandbox import Sandbox, SandboxLimits, SandboxResult, SandboxSettings
+from distil_ray.feedback.sandbox.session import SandboxSession
 
 from .compare import STDOUT_COMPARES, compare_functional, compare_stdout
-from .driver import COMPILE_ERROR_EXIT, TESTTYPES, build_driver, new_marker
+from .driver import COMPILE_ERROR_EXIT, PRELOAD, TESTTYPES, build_driver, build_driver_parts, new_marker
 from .report import FeedbackFormat, feedback_text
 from .results import TestResult
 
 # Left of the total budget below which no further test is started.
 _MIN_TEST_BUDGET_S = 0.05
+EXECUTION_MODES = ("per_response", "per_test")
 
 
 @dataclass(frozen=True)
@@ -39,8 +64,15 @@ class ExecutionLimits:
     stdout_compare: str = "decimal"  # how a stdin test's output is judged (compare.py: STDOUT_COMPARES)
     sandbox: SandboxLimits = field(default_factory=lambda: SandboxLimits(memory_mb=2048))
     settings: SandboxSettings = field(default_factory=SandboxSettings)
+    execution: str = "per_response"  # one sandbox per response, or "per_test" (see the module docstring)
+    parallel_tests: int = 1  # tests of one response run at once
+    warm_sandbox: bool = True  # per_response: keep a spare sandbox started for the next response
 
     def __post_init__(self) -> None:
+        if self.execution not in EXECUTION_MODES:
+            raise ValueError(f"execution={self.execution!r}: allowed values are {', '.join(map(repr, EXECUTION_MODES))}")
+        if not isinstance(self.parallel_tests, int) or self.parallel_tests < 1:
+            raise ValueError(f"parallel_tests={self.parallel_tests!r}: must be a positive integer")
         for name in ("timeout_s", "total_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}={getattr(self, name)!r}: must be positive")
@@ -49,8 +81,11 @@ class ExecutionLimits:
         if self.max_output_bytes is not None and self.max_output_bytes <= 0:
             raise ValueError(f"max_output_bytes={self.max_output_bytes!r}: must be positive (or None)")
 
+    def output_cap(self, expected_output: str) -> int:
+        return self.max_output_bytes or max(1 << 20, 2 * len(expected_output.encode()) + (1 << 16))
+
     def sandbox_for(self, expected_output: str, timeout_s: float) -> Sandbox:
-        cap = self.max_output_bytes or max(1 << 20, 2 * len(expected_output.encode()) + (1 << 16))
+        cap = self.output_cap(expected_output)
         return Sandbox(replace(self.sandbox, timeout_s=timeout_s, max_output_bytes=cap), self.settings)
 
 
@@ -87,7 +122,13 @@ def run_test(sandbox: Sandbox, driver: str, test: Mapping[str, str], testtype: s
              stdout_compare: str = "decimal") -> TestResult:
     """One test: ``driver`` (from :func:`.driver.build_driver` with ``marker``) on ``test["input"]``,
     its output compared with ``test["output"]`` (stdin tests by ``stdout_compare``)."""
-    res = sandbox.run(driver, test["input"])
+    return result_of_run(sandbox.run(driver, test["input"]), test, testtype, marker, sandbox.limits.timeout_s,
+                         stdout_compare)
+
+
+def result_of_run(res: SandboxResult, test: Mapping[str, str], testtype: str, marker: str,
+                  timeout_s: float, stdout_compare: str = "decimal") -> TestResult:
+    """A test's result from how its run ended: the output is compared here, outside the sandbox."""
     wall = float(getattr(res, "wall_s", 0.0) or 0.0)
     stdout, stderr = res.stdout or "", res.stderr or ""
     if res.status == "ok":
@@ -107,10 +148,100 @@ def run_test(sandbox: Sandbox, driver: str, test: Mapping[str, str], testtype: s
         error = stderr.strip() or f"the program exited with code {getattr(res, 'returncode', '?')}"
         return TestResult(status, actual=stdout if testtype == "stdin" else "", error=error, wall_s=wall)
     if res.status == "timeout":
-        return TestResult("timeout", error=f"time limit exceeded ({sandbox.limits.timeout_s:g} s)", wall_s=wall)
+        return TestResult("timeout", error=f"time limit exceeded ({timeout_s:g} s)", wall_s=wall)
     if res.status in ("memory_limit", "output_limit"):
         return TestResult(res.status, actual=stdout if testtype == "stdin" else "", error=stderr.strip(), wall_s=wall)
     return TestResult("sandbox_error", error=stderr.strip() or str(res.status), wall_s=wall)
+
+
+# How one test's program runs: (test, time limit, output cap) -> how the run ended.
+_Runner = Callable[[Mapping[str, str], float, int], SandboxResult]
+
+
+class _SessionRunner:
+    """Runs tests one after another in one sandbox session (``per_response``), opening a new
+    session when a test broke the current one (it killed or stopped the fork server)."""
+
+    def __init__(self, setup: str, run: str, limits: ExecutionLimits):
+        self.setup, self.run, self.limits = setup, run, limits
+        self.sandbox = Sandbox(replace(limits.sandbox, timeout_s=limits.timeout_s), limits.settings)
+        self.session: SandboxSession | None = None
+
+    def __call__(self, test: Mapping[str, str], timeout_s: float, cap: int) -> SandboxResult:
+        if self.session is None:
+            self.session = _take_session(self.sandbox, self.limits.warm_sandbox)
+            self.session.load(self.run, setup=self.setup)
+        res = self.session.run(test["input"], timeout_s=timeout_s, max_output_bytes=cap)
+        if self.session.broken:
+            self.close()
+        return res
+
+    def close(self) -> None:
+        if self.session is not None:
+            self.session.close()
+            self.session = None
+
+
+# The spare sandboxes of this process, one per (limits, settings); never shared with a forked
+# copy of the process (each session checks its owner's pid, and the copy starts with none).
+_MAX_SPARES = 4
+_spares: dict[str, SandboxSession] = {}
+_spares_lock = threading.Lock()
+
+
+def _take_session(sandbox: Sandbox, warm: bool) -> SandboxSession:
+    """A started, never used session for one response: the spare if there is one, else a new
+    one; with ``warm``, the next spare starts now (it boots while this response's tests run)."""
+    key = repr((sandbox.limits, sandbox.settings))
+    with _spares_lock:
+        spare = _spares.pop(key, None)
+    if spare is not None and not spare.usable:
+        spare.close()
+        spare = None
+    session = spare if spare is not None else sandbox.spare_session(PRELOAD)
+    if warm:
+        new = _spare_starter().submit(sandbox.spare_session, PRELOAD).result()
+        with _spares_lock:
+            extra = [_spares.pop(key)] if key in _spares else []  # (another thread made one meanwhile)
+            _spares[key] = new
+            while len(_spares) > _MAX_SPARES:
+                extra.append(_spares.pop(next(iter(_spares))))
+        for s in extra:
+            s.close()
+    return session
+
+
+def _spare_starter() -> ThreadPoolExecutor:
+    """The thread that starts the spares. It lives as long as the process: bwrap's
+    ``--die-with-parent`` fires when the *thread* that started it ends, and a spare outlives the
+    response (and the ``parallel_tests`` worker thread) that asked for it."""
+    global _starter
+    with _spares_lock:
+        if _starter is None:
+            _starter = ThreadPoolExecutor(1, thread_name_prefix="sandbox-spare")
+        return _starter
+
+
+_starter: ThreadPoolExecutor | None = None
+
+
+def _after_fork_in_child() -> None:
+    global _starter
+    _spares.clear()
+    _starter = None  # (its thread did not survive the fork)
+
+
+def close_spare_sandboxes() -> None:
+    """Stop this process's spare sandboxes (also done at exit)."""
+    with _spares_lock:
+        spares = list(_spares.values())
+        _spares.clear()
+    for s in spares:
+        s.close()
+
+
+atexit.register(close_spare_sandboxes)
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def run_tests(code: str, tests: Sequence[Mapping[str, str]], *, testtype: str = "stdin",
@@ -124,24 +255,80 @@ def run_tests(code: str, tests: Sequence[Mapping[str, str]], *, testtype: str = 
     if testtype == "functional" and not func_name:
         raise ValueError("func_name: functional tests need the name of the function to call")
     marker = new_marker()
-    driver = build_driver(code, testtype, func_name, marker)
-    results: list[TestResult] = []
+    if limits.execution == "per_test":
+        driver = build_driver(code, testtype, func_name, marker)
+
+        def new_runner() -> tuple[_Runner, Callable[[], None]]:
+            def one(test: Mapping[str, str], timeout_s: float, cap: int) -> SandboxResult:
+                sandbox = Sandbox(replace(limits.sandbox, timeout_s=timeout_s, max_output_bytes=cap), limits.settings)
+                return sandbox.run(driver, test["input"])
+            return one, lambda: None
+    else:
+        setup, run = build_driver_parts(code, testtype, func_name, marker)
+
+        def new_runner() -> tuple[_Runner, Callable[[], None]]:
+            runner = _SessionRunner(setup, run, limits)
+            return runner, runner.close
+
+    return _run_all(tests, testtype, marker, limits, new_runner)
+
+
+def _run_all(tests: Sequence[Mapping[str, str]], testtype: str, marker: str, limits: ExecutionLimits,
+             new_runner: Callable[[], tuple[_Runner, Callable[[], None]]]) -> list[TestResult]:
+    """The tests in order, from ``parallel_tests`` workers (each with a runner of its own) taking
+    the next test; then the results a serial run would give: the tests after the first compile
+    error (or, with ``stop_on_first_failure``, the first failure) are skipped, whether or not a
+    worker had already run them."""
+    n = len(tests)
+    results: list[TestResult | None] = [None] * n
     t0 = time.monotonic()
-    for i, test in enumerate(tests):
-        left = limits.total_timeout_s - (time.monotonic() - t0)
-        if left <= _MIN_TEST_BUDGET_S:
-            results += [TestResult("skipped", error="total time budget exhausted")] * (len(tests) - i)
-            break
-        r = run_test(limits.sandbox_for(test["output"], min(limits.timeout_s, left)), driver, test, testtype, marker,
-                     limits.stdout_compare)
-        if r.status == "timeout" and left < limits.timeout_s:
-            r = replace(r, error=f"total time budget of {limits.total_timeout_s:g} s exhausted")
-        results.append(r)
-        if r.status == "compile_error" or (limits.stop_on_first_failure and r.status != "passed"):
+    lock, next_index, stop = threading.Lock(), [0], threading.Event()
+
+    def stops(r: TestResult) -> bool:
+        return r.status == "compile_error" or (limits.stop_on_first_failure and r.status != "passed")
+
+    def work() -> None:
+        run, close = new_runner()
+        try:
+            while not stop.is_set():
+                with lock:
+                    i = next_index[0]
+                    next_index[0] += 1
+                if i >= n:
+                    return
+                test = tests[i]
+                left = limits.total_timeout_s - (time.monotonic() - t0)
+                if left <= _MIN_TEST_BUDGET_S:
+                    results[i] = TestResult("skipped", error="total time budget exhausted")
+                    continue
+                timeout_s = min(limits.timeout_s, left)
+                r = result_of_run(run(test, timeout_s, limits.output_cap(test["output"])), test, testtype, marker,
+                                  timeout_s, limits.stdout_compare)
+                if r.status == "timeout" and left < limits.timeout_s:
+                    r = replace(r, error=f"total time budget of {limits.total_timeout_s:g} s exhausted")
+                results[i] = r
+                if stops(r):
+                    stop.set()
+        finally:
+            close()
+
+    workers = min(limits.parallel_tests, n)
+    if workers <= 1:
+        work()
+    else:
+        with ThreadPoolExecutor(workers, thread_name_prefix="test") as pool:
+            for f in [pool.submit(work) for _ in range(workers)]:
+                f.result()
+    out: list[TestResult] = []
+    for i, r in enumerate(results):
+        if r is None:  # never started: a worker stopped, or the budget was gone
+            r = TestResult("skipped", error="total time budget exhausted")
+        out.append(r)
+        if stops(r):
             why = "the program does not compile" if r.status == "compile_error" else "stopped at the first failure"
-            results += [TestResult("skipped", error=why)] * (len(tests) - i - 1)
+            out += [TestResult("skipped", error=why)] * (n - i - 1)
             break
-    return results
+    return out
 
 
 def check_program(code: str, tests: Sequence[Mapping[str, str]], *, testtype: str = "stdin",

@@ -103,6 +103,23 @@ and ``RLIMIT_NPROC`` does not bind (the ``warning`` says so). The fallback is lo
 (raise :class:`SandboxUnavailable` if it does not work) or ``"rlimits"`` (force the fallback).
 ``use_cgroup=False`` turns the per-run cgroup off.
 
+Sessions: one sandbox, many runs
+--------------------------------
+``Sandbox.session(code, setup=..., args=...)`` starts the sandbox once (the same layers as above,
+with a *fork server* as its supervisor, :mod:`.forkserver`) and runs ``code`` once per
+``session.run(stdin, timeout_s=..., max_output_bytes=...)``; each result is classified as a run of
+its own would be. Each run is a child forked from the server (the interpreter, the ``setup`` code
+and the compiled program are ready: no start-up per run) that takes its own process group, a
+*fresh uid of its own* (run by root), the run's rlimits, a fresh keyring and the seccomp filter;
+its wall time is watched through a pidfd and its output capped. After it, everything it left
+running is killed (the server is a child subreaper) and ``/work``, ``/tmp`` and ``/dev/shm`` are
+wiped. Shared by the runs of a session: the namespaces, the cgroup (its memory and task caps bind
+the session as a whole; per-run peaks are read where cgroup v1 can reset them) and the server's
+memory, which holds only the program and the inputs sent so far. ``spare_session()`` starts one
+before its program is known (``load()`` gives it later): the code harness keeps one started for
+the next response. A run that kills or stops the server (it cannot signal it across uids when
+run by root) leaves the session ``broken``; the caller starts another.
+
 Memory limit
 ------------
 Two limits apply:
@@ -148,6 +165,7 @@ from .results import ISOLATION_MODES as ISOLATION_MODES
 from .results import STATUSES as STATUSES
 from .results import SandboxResult, SandboxUnavailable
 from .runner import Sandbox, bwrap_status, run_python
+from .session import SandboxSession
 from .sweep import sweep_leftovers
 
 __all__ = [
@@ -155,6 +173,7 @@ __all__ = [
     "Sandbox",
     "SandboxLimits",
     "SandboxResult",
+    "SandboxSession",
     "SandboxSettings",
     "SandboxUnavailable",
     "bwrap_status",

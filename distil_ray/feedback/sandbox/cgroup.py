@@ -147,6 +147,23 @@ class _Cgroup:
         return _CgroupStats(self.limit_bytes, _cg_read_int(d, "memory.max_usage_in_bytes"),
                             _cg_read_int(d, "memory.failcnt") or 0, oom.get("oom_kill", 0))
 
+    def oom_kill_count(self) -> int:
+        """The OOM killer's kills in the cgroup so far (one file: cheap enough for every run)."""
+        name = "memory.events" if self.version == "v2" else "memory.oom_control"
+        return _cg_read_keyed(self.dirs[0], name).get("oom_kill", 0)
+
+    def reset_counters(self) -> bool:
+        """Start the peak usage and the limit hits over (v1: a session's runs each get their
+        own). False where that cannot be done (v2): the counters then cover the session so far."""
+        if self.version != "v1":
+            return False
+        try:
+            _cg_write(self.dirs[0], "memory.max_usage_in_bytes", 0)
+            _cg_write(self.dirs[0], "memory.failcnt", 0)
+        except OSError:
+            return False
+        return True
+
     def remove(self) -> None:
         """Remove the cgroup (empty by now: :meth:`kill` came first). Idempotent."""
         for d in self.dirs:

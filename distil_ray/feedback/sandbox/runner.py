@@ -6,6 +6,7 @@ made here too."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import json
@@ -15,7 +16,7 @@ import secrets
 import shutil
 import tempfile
 import threading
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from .cgroup import _CGROUP_PREFIX, _Cgroup
 from .sweep import RUN_DIR_PREFIX, owner_tag
@@ -24,6 +25,8 @@ from .limits import RUN_MARKER_VAR, Launch, ReportPipes, SandboxLimits, SandboxS
 from .process import execute
 from .results import SandboxResult, SandboxUnavailable
 from .seccomp import _seccomp_for_host
+from .session import SandboxSession
+from .forkserver import _FORKSERVER
 from .supervisor import _SUPERVISOR
 
 log = logging.getLogger(__package__)  # one logger for the whole sandbox package
@@ -78,6 +81,33 @@ class Sandbox:
                          "where RLIMIT_NPROC does not apply.")
         res.warning = _join_warnings(reason, root_note, res.warning)
         return res
+
+    def session(self, code: str, setup: str = "", args: Sequence[str] = ()) -> SandboxSession:
+        """A sandbox that runs ``code`` (as ``main.py``, ``sys.argv[1:] == args``) once per
+        :meth:`SandboxSession.run`, each run contained and classified as by :meth:`run`.
+        ``setup`` runs once, before any run, in the sandbox's fork server, *not confined*: trusted
+        code only (imports, compiling the untrusted program); its globals are the program's."""
+        session = self.spare_session(args=args)
+        session.load(code, setup, args)
+        return session
+
+    def spare_session(self, preload: str = "", args: Sequence[str] = ()) -> SandboxSession:
+        """A session started now, whose program comes later (:meth:`SandboxSession.load`): the
+        sandbox and its interpreter start (and ``preload``, trusted imports, runs) while the
+        caller does something else. Nothing runs in it before the load. Under bwrap the session
+        dies with the *thread* that started it (``--die-with-parent``): start a session that is to
+        outlive its thread from a long-lived one."""
+        mode, reason = self._choose_isolation()
+        if mode == "bwrap":
+            return SandboxSession(self, preload, args, use_bwrap=True, run_as=_fresh_uid() if _is_root() else None,
+                                  warning=None)
+        run_as = self._fallback_uid()
+        root_note = None
+        if _is_root() and run_as is None:
+            root_note = ("The program ran as root (the interpreter is not reachable by other users), "
+                         "where RLIMIT_NPROC does not apply.")
+        return SandboxSession(self, preload, args, use_bwrap=False, run_as=run_as,
+                              warning=_join_warnings(reason, root_note))
 
     # -- isolation choice -------------------------------------------------------------------------
 
@@ -147,9 +177,20 @@ class Sandbox:
     def _run(self, code: str, stdin: str | bytes, args: Sequence[str], *, use_bwrap: bool,
              run_as: int | None) -> SandboxResult:
         """One execution. ``run_as``: the uid (= gid) the supervisor switches the program to."""
+        stdin_bytes = stdin.encode("utf-8") if isinstance(stdin, str) else bytes(stdin)
+        with self._launch(code, stdin_bytes, args, use_bwrap=use_bwrap, run_as=run_as) as (launch, cgroup, warning, _):
+            res = execute(launch, self.limits, cgroup)
+            res.warning = _join_warnings(res.warning, warning)
+            return res
+
+    @contextlib.contextmanager
+    def _launch(self, code: str, stdin: bytes, args: Sequence[str], *, use_bwrap: bool, run_as: int | None,
+                preload: str | None = None) -> Iterator[tuple[Launch, _Cgroup | None, str | None, str]]:
+        """The run directory, cgroup, report pipes and command line of one launch, all removed
+        when the context ends: (launch, cgroup, warnings, run directory). ``preload`` not None: a
+        session's fork server (:mod:`.forkserver`), whose program is loaded later."""
         interp = _interpreter(self.settings.python)
         flags = ["-I"] if self.settings.allow_site_packages else ["-I", "-S"]
-        stdin_bytes = stdin.encode("utf-8") if isinstance(stdin, str) else bytes(stdin)
         # the caller's pid in the names: what a later caller sweeps if this one is killed (sweep.py)
         run_dir = tempfile.mkdtemp(prefix=f"{RUN_DIR_PREFIX}{owner_tag()}-", dir=self.settings.tmp_root)
         run_id = secrets.token_hex(8)
@@ -162,9 +203,11 @@ class Sandbox:
                 "may create user namespaces, use kernel keyrings, io_uring, bpf and ptrace.")
             pipes = ReportPipes(with_info=use_bwrap)
             code_path = os.path.join(run_dir, "main.py")
-            with open(code_path, "w", encoding="utf-8") as f:
-                f.write(code)
-            os.chmod(code_path, 0o644)
+            files = {code_path: code} if preload is None else {code_path: "", os.path.join(run_dir, "setup.py"): ""}
+            for path, text in files.items():
+                with open(path, "w", encoding="utf-8") as f:
+                    f.write(text)
+                os.chmod(path, 0o644)
             if use_bwrap:
                 inner_code, work = _SANDBOX_CODE, _SANDBOX_WORK
             else:
@@ -175,28 +218,38 @@ class Sandbox:
                     os.chown(work, run_as, run_as)
             env = {"PATH": _BASE_PATH, "HOME": work, "LANG": "C.UTF-8", "TMPDIR": "/tmp" if use_bwrap else work,
                    **self.settings.env}
-            spec = {
+            confinement = {
                 "status_fd": pipes.status_w,
-                "rlimits": self.limits.rlimits(),
-                "uid": run_as,
-                "gid": run_as,
                 "keyctl_nr": abi.nr["keyctl"] if abi else None,
                 "seccomp": seccomp,
-                "subreaper": not use_bwrap,
-                "argv": [interp.executable, *flags, inner_code, *map(str, args)],
             }
-            supervisor = [interp.executable, "-I", "-S", "-c", _SUPERVISOR, json.dumps(spec)]
+            if preload is None:
+                spec = {**confinement, "rlimits": self.limits.rlimits(), "uid": run_as, "gid": run_as,
+                        "subreaper": not use_bwrap, "argv": [interp.executable, *flags, inner_code, *map(str, args)]}
+                program = _SUPERVISOR
+            else:
+                # (rlimits and time limits come with each request)
+                spec = {**confinement, "switch_uid": run_as is not None, "code_file": inner_code,
+                        "setup_file": os.path.join(os.path.dirname(inner_code), "setup.py"),
+                        "preload": preload, "work": work,
+                        "clean": [work, "/tmp", "/dev/shm"] if use_bwrap else [work],
+                        "chown_work": not use_bwrap and run_as is not None}
+                program = _FORKSERVER
+            supervisor = [interp.executable, "-I", "-S", "-c", program, json.dumps(spec)]
+            if preload is not None:
+                # (unused by the server: its forked runs inherit its command line, which then
+                # names the program's arguments, as a run of its own does)
+                supervisor += map(str, args)
             if use_bwrap:
-                argv = self._bwrap_argv(interp, code_path, env, pipes.info_w, root=_is_root()) + supervisor
+                argv = self._bwrap_argv(interp, code_path, env, pipes.info_w, root=_is_root(),
+                                        session=preload is not None) + supervisor
                 # bwrap gets no secrets either: its init process is readable from inside.
                 launch_env, cwd = {"PATH": _BASE_PATH, "LANG": "C.UTF-8"}, "/"
             else:
                 argv = supervisor
                 launch_env, cwd = {**env, RUN_MARKER_VAR: run_id}, work
-            launch = Launch(tuple(argv), launch_env, cwd, stdin_bytes, use_bwrap, run_id, pipes)
-            res = execute(launch, self.limits, cgroup)
-            res.warning = _join_warnings(res.warning, cgroup_warning, seccomp_warning)
-            return res
+            launch = Launch(tuple(argv), launch_env, cwd, stdin, use_bwrap, run_id, pipes)
+            yield launch, cgroup, _join_warnings(cgroup_warning, seccomp_warning), run_dir
         finally:
             if pipes is not None:
                 pipes.close()
@@ -206,7 +259,7 @@ class Sandbox:
             _rmtree(run_dir)
 
     def _bwrap_argv(self, interp: _Interpreter, code_path: str, env: dict[str, str], info_fd: int, *,
-                    root: bool) -> list[str]:
+                    root: bool, session: bool = False) -> list[str]:
         size = str(self.limits.max_file_mb << 20)
         a = [self._bwrap_path() or "bwrap",
              "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
@@ -217,6 +270,11 @@ class Sandbox:
             # to a fresh uid, and the switch clears them. bwrap also sets no_new_privs, so no
             # setuid or file-capability binary can hand any capability back.
             a += ["--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
+            if session:
+                # A session's fork server gives each test a fresh uid of its own, and must be
+                # able to kill what that uid leaves running (kill(2) across uids needs CAP_KILL;
+                # in the sandbox's PID namespace it reaches nothing outside).
+                a += ["--cap-add", "CAP_KILL"]
         else:
             a += ["--unshare-user", "--disable-userns"]
         for d in _SYSTEM_DIRS:
@@ -245,6 +303,8 @@ class Sandbox:
               "--perms", "0777", "--size", size, "--tmpfs", _SANDBOX_WORK,
               "--perms", "0755", "--dir", os.path.dirname(_SANDBOX_CODE),
               "--ro-bind", code_path, _SANDBOX_CODE,
+              *(["--ro-bind", os.path.join(os.path.dirname(code_path), "setup.py"),
+                 os.path.join(os.path.dirname(_SANDBOX_CODE), "setup.py")] if session else []),
               "--chdir", _SANDBOX_WORK, "--clearenv"]
         for k, v in env.items():
             a += ["--setenv", k, v]

@@ -12,7 +12,9 @@ PID namespace does that).
 The program is kept as text (it runs under the sandbox's interpreter, not this one); its report
 events ("started", "setup_failed", "exit") are read by :mod:`.process`."""
 
-_SUPERVISOR = r"""
+# What both programs share: the spec, the report pipe, prctl, the confinement of a child right
+# before it runs the program, and the subreaper's sweep of every descendant.
+_COMMON = r"""
 import ctypes, errno, json, os, resource, signal, sys, time
 spec = json.loads(sys.argv[1])
 status_fd = spec["status_fd"]
@@ -89,6 +91,9 @@ def kill_descendants():
 def on_sigterm(signum, frame):  # the host's request to end the run (fallback without a cgroup)
     kill_descendants()
     os._exit(128 + signum)
+"""
+
+_SUPERVISOR = _COMMON + r"""
 
 if spec["subreaper"]:
     try:

@@ -8,6 +8,7 @@ from datetime import datetime
 from typing import Any, Mapping
 
 from distil_ray.feedback.code import ExecutionLimits, FeedbackFormat
+from distil_ray.feedback.code.harness import EXECUTION_MODES
 from distil_ray.feedback.sandbox import SandboxLimits, SandboxSettings, split_sandbox_options
 from distil_ray.config import check_choice, check_positive
 from distil_ray.tasks.livecodebench.data import HUB_NAME, TEST_CASE_SOURCES, as_date
@@ -46,6 +47,8 @@ class LiveCodeBenchConfig:
     memory_mb: int = 2048
     max_output_bytes: int | None = None  # None: twice the expected output, at least 1 MiB
     stop_on_first_failure: bool = False
+    execution: str = "per_response"  # one sandbox per response, or per_test (see distil_ray.feedback.code.harness)
+    parallel_tests: int = 1  # tests of one response run at once
     max_feedback_tests: int = 2  # failing tests shown in the feedback
     max_feedback_chars: int = 2000
     field_chars: int = 300  # each input / expected / actual field of the feedback
@@ -58,6 +61,9 @@ class LiveCodeBenchConfig:
         check_choice("prompt_style", self.prompt_style, PROMPT_STYLES)
         check_choice("extraction", self.extraction, EXTRACTIONS)
         check_choice("stdout_compare", self.stdout_compare, STDOUT_COMPARES)
+        check_choice("execution", self.execution, EXECUTION_MODES)
+        if not isinstance(self.parallel_tests, int) or self.parallel_tests < 1:
+            raise ValueError(f"parallel_tests={self.parallel_tests!r}: must be a positive integer")
         if not 0.0 < self.train_fraction <= 1.0:
             raise ValueError(f"train_fraction={self.train_fraction!r}: must lie in (0, 1]")
         for name in ("start_date", "end_date"):
@@ -92,6 +98,8 @@ class LiveCodeBenchConfig:
             max_output_bytes=cap,
             stop_on_first_failure=self.stop_on_first_failure,
             stdout_compare=self.stdout_compare,
+            execution=self.execution,
+            parallel_tests=self.parallel_tests,
             sandbox=SandboxLimits(memory_mb=self.memory_mb, **limit_options),
             settings=SandboxSettings(**setting_options),
         )

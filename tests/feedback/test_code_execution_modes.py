@@ -1,0 +1,251 @@
+"""One sandbox per response (the default) against one sandbox per test: the same verdicts on the
+same workloads, a clean slate between the tests of a response and between responses, and the
+two exploits of an in-process harness (reading the expected output off the grader's stack,
+swallowing its time-out) graded as failures in both modes."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from distil_ray.feedback.code import ExecutionLimits, check_program, run_tests
+from distil_ray.feedback.code import harness as code_harness
+from distil_ray.feedback.sandbox import SandboxLimits, bwrap_status
+from distil_ray.feedback.sandbox import session as sandbox_session
+
+pytestmark = pytest.mark.timeout(120)
+
+BWRAP_OK, BWRAP_WHY = bwrap_status()
+needs_bwrap = pytest.mark.skipif(not BWRAP_OK, reason=f"bubblewrap sandbox unavailable: {BWRAP_WHY}")
+MODES = ("per_response", "per_test")
+LIMITS = ExecutionLimits(timeout_s=5.0, sandbox=SandboxLimits(memory_mb=512))
+
+SUM = "a, b = map(int, input().split())\nprint(a + b)\n"
+SUM_TESTS = [{"input": f"{i} {i}\n", "output": f"{2 * i}\n"} for i in range(1, 4)]
+
+FORK_BOMB = """
+import os, time
+while True:
+    try:
+        os.fork()
+    except OSError:
+        time.sleep(0.01)
+"""
+# Test 1 leaves a detached process and files behind; the later tests print what they can see
+# of them: processes other than the sandbox's (init, supervisor or fork server) and files.
+LEFTOVERS = """
+import os, subprocess, sys, time
+if input() == "1":
+    subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    open("left.txt", "w").write("x")
+    open("/tmp/left.txt", "w").write("x")
+    time.sleep(0.2)
+pids = [p for p in os.listdir("/proc") if p.isdigit() and int(p) not in (1, os.getpid(), os.getppid())]
+print(len(pids), sorted(os.listdir(".")), sorted(os.listdir("/tmp")))
+"""
+LEFTOVER_TESTS = [{"input": f"{i}\n", "output": "0 [] []\n"} for i in (1, 2, 3)]
+
+FUNCTIONAL = "class Solution:\n    def add(self, a, b):\n        return a + b if a != 2 else -1\n"
+FUNCTIONAL_TESTS = [{"input": "1\n2", "output": "3"}, {"input": "2\n2", "output": "4"}]
+
+WORKLOADS = {
+    "correct": (SUM, SUM_TESTS, {}, ["passed"] * 3),
+    "wrong answer": ("a, b = map(int, input().split())\nprint(a * b)\n", SUM_TESTS, {},
+                     ["wrong_answer", "passed", "wrong_answer"]),
+    "runtime error": ("a, b = map(int, input().split())\nprint(a // (b - b))\n", SUM_TESTS[:2], {},
+                      ["runtime_error"] * 2),
+    "compile error": ("def f(:\n", SUM_TESTS, {}, ["compile_error", "skipped", "skipped"]),
+    "timeout": ("while True:\n    pass\n", SUM_TESTS[:1], {"timeout_s": 1.0}, ["timeout"]),
+    "memory": ("a = []\nwhile True:\n    a.append(bytearray(8 << 20))\n", SUM_TESTS[:1], {}, ["memory_limit"]),
+    "output flood": ("while True:\n    print('x' * 1000)\n", SUM_TESTS[:1], {"max_output_bytes": 10_000},
+                     ["output_limit"]),
+    "fork bomb": (FORK_BOMB, SUM_TESTS[:1], {"timeout_s": 1.0}, ["timeout"]),
+    "leftover processes and files": (LEFTOVERS, LEFTOVER_TESTS, {}, ["wrong_answer", "passed", "passed"]),
+    "functional": (FUNCTIONAL, FUNCTIONAL_TESTS, {}, ["passed", "wrong_answer"]),
+}
+
+
+def limits_for(execution: str, **overrides) -> ExecutionLimits:
+    sandbox = dataclasses.replace(LIMITS.sandbox, max_processes=16)
+    return dataclasses.replace(LIMITS, sandbox=sandbox, execution=execution, **overrides)
+
+
+@needs_bwrap
+@pytest.mark.parametrize("name", list(WORKLOADS))
+def test_both_modes_give_the_same_verdicts(name):
+    code, tests, overrides, expected = WORKLOADS[name]
+    testtype, func = ("functional", "add") if name == "functional" else ("stdin", None)
+    verdicts = {m: check_program(code, tests, testtype=testtype, func_name=func, limits=limits_for(m, **overrides))
+                for m in MODES}
+    for mode, v in verdicts.items():
+        assert v.statuses == expected, (mode, v.feedback)
+    if name in ("correct", "wrong answer", "runtime error", "compile error", "timeout", "functional"):
+        assert verdicts["per_response"].feedback == verdicts["per_test"].feedback
+
+
+# -- the exploits of an in-process harness -------------------------------------------------------
+
+# Looks for the grader's expected output in its own process: up the stack and through every
+# object the garbage collector knows; prints it when found (else nothing).
+STACK_WALK = """
+import gc, sys
+data = sys.stdin.read()
+def candidates():
+    f = sys._getframe()
+    while f is not None:
+        yield from list(f.f_locals.values())
+        f = f.f_back
+    yield from list(gc.get_objects())
+for o in candidates():
+    if isinstance(o, dict) and o.get("input") == data and isinstance(o.get("output"), str):
+        print(o["output"], end="")
+        break
+    if isinstance(o, (list, tuple)):
+        for t in o:
+            if isinstance(t, dict) and t.get("input") == data and isinstance(t.get("output"), str):
+                print(t["output"], end="")
+                raise SystemExit
+"""
+# Swallows whatever ends its slow path (an exception raised by a time-out, the signals a time
+# limit sends), throws away what it printed so far and then answers.
+SWALLOW_TIMEOUT = """
+import io, signal, sys
+for s in (signal.SIGALRM, signal.SIGXCPU, signal.SIGTERM):
+    signal.signal(s, signal.SIG_IGN)
+data = sys.stdin.read()
+print("partial")
+try:
+    while True:
+        pass
+except BaseException:
+    pass
+try:
+    sys.stdout.seek(0)
+    sys.stdout.truncate(0)
+except Exception:
+    pass
+a, b = map(int, data.split())
+print(a + b)
+"""
+
+
+def in_process_grade(code: str, tests: list[dict]) -> list[bool]:
+    """What an in-process harness does: the tests (with their outputs) in a local of the frame
+    that runs the program, stdout captured in a StringIO."""
+    import contextlib
+    import io
+    import sys
+
+    passed = []
+    for test in tests:
+        out = io.StringIO()
+        old_stdin = sys.stdin
+        sys.stdin = io.StringIO(test["input"])
+        try:
+            with contextlib.redirect_stdout(out):
+                try:
+                    exec(compile(code, "solution.py", "exec"), {"__name__": "__main__"})
+                except SystemExit:
+                    pass
+        finally:
+            sys.stdin = old_stdin
+        passed.append(out.getvalue().strip() == test["output"].strip())
+    return passed
+
+
+def test_the_stack_walk_reads_an_in_process_harness_but_not_the_sandbox():
+    tests = [{"input": "7 8\n", "output": "secret-15\n"}]
+    assert in_process_grade(STACK_WALK, tests) == [True]  # the exploit is real
+    for mode in MODES:
+        v = check_program(STACK_WALK, tests, limits=limits_for(mode))
+        assert v.statuses == ["wrong_answer"], (mode, v.feedback)
+        assert v.results[0].actual == ""  # nothing of the expected output was found
+
+
+def test_a_swallowed_timeout_is_still_a_timeout():
+    for mode in MODES:
+        v = check_program(SWALLOW_TIMEOUT, SUM_TESTS[:1], limits=limits_for(mode, timeout_s=1.0))
+        assert v.statuses == ["timeout"], (mode, v.feedback)
+
+
+# -- per response: clean slate, early stop, parallel tests, recovery ----------------------------
+
+def test_stop_on_first_failure_and_parallel_tests_match_a_serial_full_run():
+    tests = [{"input": f"{i} {i}\n", "output": f"{2 * i}\n"} for i in range(12)]
+    wrong_on_5 = "a, b = map(int, input().split())\nprint(a + b + (a == 5))\n"
+    full = run_tests(wrong_on_5, tests, limits=limits_for("per_response"))
+    assert [r.status for r in full] == ["passed"] * 5 + ["wrong_answer"] + ["passed"] * 6
+    for parallel in (1, 3):
+        both = run_tests(wrong_on_5, tests, limits=limits_for("per_response", parallel_tests=parallel))
+        assert [r.status for r in both] == [r.status for r in full]
+        stop = run_tests(wrong_on_5, tests, limits=limits_for("per_response", parallel_tests=parallel,
+                                                               stop_on_first_failure=True))
+        assert [r.status for r in stop] == ["passed"] * 5 + ["wrong_answer"] + ["skipped"] * 6
+        assert {r.error for r in stop[6:]} == {"stopped at the first failure"}
+
+
+def test_spares_outlive_the_worker_threads_that_asked_for_them():
+    # bwrap dies with the *thread* that started it: a spare started from a parallel_tests worker
+    # thread, which ends with its response, must not be the one the next response gets
+    limits = limits_for("per_response", parallel_tests=2)
+    for _ in range(8):
+        v = check_program(SUM, SUM_TESTS, limits=limits)
+        assert v.statuses == ["passed"] * 3, v.feedback
+
+
+def test_a_test_that_breaks_its_sandbox_does_not_take_the_others_down(monkeypatch):
+    # The host stops waiting for an answer before the server gives one: that session is ended,
+    # the run counted as a time-out, and the next test gets a new sandbox.
+    monkeypatch.setattr(sandbox_session, "_REPLY_GRACE_S", -0.8)
+    code = "import time\na, b = map(int, input().split())\nif a == 2:\n    time.sleep(0.5)\nprint(a + b)\n"
+    v = check_program(code, SUM_TESTS, limits=limits_for("per_response", timeout_s=1.0))
+    assert v.statuses == ["passed", "timeout", "passed"], v.feedback
+
+
+@needs_bwrap
+def test_nothing_of_one_response_reaches_the_next():
+    # Response 1 leaves a process, files and its own secret in memory; response 2 (in the spare
+    # sandbox started meanwhile) looks for all of them.
+    first = LEFTOVERS.replace('if input() == "1":', 'SECRET = "response-one-" + "secret"\nif input() == "1":')
+    limits = limits_for("per_response")
+    assert check_program(first, LEFTOVER_TESTS[:1], limits=limits).statuses == ["wrong_answer"]
+    probe = LEFTOVERS + (
+        "import gc\n"
+        "print(any(isinstance(o, dict) and o.get('SECRET') == 'response-one-secret' for o in gc.get_objects()))\n"
+    )
+    tests = [{"input": "2\n", "output": "0 [] []\nFalse\n"}]
+    assert check_program(probe, tests, limits=limits).statuses == ["passed"]
+    assert code_harness._spares  # (a spare was waiting for the next response)
+
+
+def test_execution_settings_are_checked():
+    with pytest.raises(ValueError, match="^execution='threads'"):
+        ExecutionLimits(execution="threads")
+    with pytest.raises(ValueError, match="^parallel_tests=0"):
+        ExecutionLimits(parallel_tests=0)
+
+
+def test_livecodebench_grading_is_the_same_in_both_modes():
+    import json
+
+    from distil_ray.tasks.livecodebench import LiveCodeBenchConfig, LiveCodeBenchTask, example_from_record
+    from tests.shared_data import SHARED_DATA
+
+    records = SHARED_DATA / "samples" / "livecodebench_records.jsonl"
+    if not records.exists():
+        pytest.skip(f"LiveCodeBench sample records not found under {records.parent}")
+    example = example_from_record(json.loads(records.read_text().splitlines()[0]), "test")
+    right = "t = int(input())\nfor _ in range(t):\n    s = input().strip()\n    print('YES' if sum(a != b for a, b in zip(s, 'abc')) != 3 else 'NO')\n"
+    wrong = "t = int(input())\nfor _ in range(t):\n    input()\n    print('YES')\n"
+    grades = {}
+    for mode in MODES:
+        task = LiveCodeBenchTask(LiveCodeBenchConfig(execution=mode))
+        grades[mode] = [task.grade(example, f"```python\n{code}```") for code in (right, wrong)]
+    (right_a, wrong_a), (right_b, wrong_b) = grades["per_response"], grades["per_test"]
+    assert right_a.details["statuses"] == right_b.details["statuses"] == ["passed"] * 5
+    assert wrong_a.details["statuses"] == wrong_b.details["statuses"] == ["wrong_answer", "passed", "passed",
+                                                                          "wrong_answer", "passed"]
+    assert (right_a.feedback, wrong_a.feedback) == (right_b.feedback, wrong_b.feedback)
+    with pytest.raises(ValueError, match="^execution="):
+        LiveCodeBenchConfig(execution="threads")
