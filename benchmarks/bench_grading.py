@@ -1,7 +1,7 @@
 """Code grading speed: the project's grader, with one sandbox per response (``per_response``) and
 one per test (``per_test``), against a plain in-process reference loop on the same workloads.
 
-    python benchmarks/bench_grading.py [--reps 5] [--workers 1 2] [--quick]
+    python benchmarks/bench_grading.py [--reps 5] [--workers 1 2] [--quick] [--lcb DIR]
 
 The reference is the LiveCodeBench-style baseline with no isolation at all: the solution is
 compiled and the prelude imported once per response in this process, then each test runs in a
@@ -17,11 +17,17 @@ is checked). Serial: each response timed alone, the graders taking turns; the me
 holds its own sandbox state), s/response = batch time / batch size, graders taking turns.
 
 Graders: the reference, ``per_response`` (the default), ``per_test``, and ``per_response`` with
-``parallel_tests=2`` (for information: the reference runs its tests one after another).
+``parallel_tests=2`` (for information: the reference runs its tests one after another). With
+``--lcb DIR`` (a checkout of LiveCodeBench, https://github.com/LiveCodeBench/LiveCodeBench, whose
+``lcb_runner`` package is imported from DIR; it needs numpy), LiveCodeBench's own harness too:
+``check_correctness`` of ``lcb_runner/evaluation/compute_code_generation_metrics.py`` as its
+evaluation calls it (one process per response, all tests in it, ``debug=False``); its verdict
+(passed, or the kind of its first failure: it stops there) is checked against the others'.
 
-Printed: s/response, tests/s, the ratio to the reference; then a fit, per grader, of s/response
-= fixed + per-test x n (from the 1- and 50-test workloads), and for ``per_response`` the share of
-a test spent in the test's own process (fork to exit, as the fork server measures it).
+Printed: s/response, tests/s, the ratio to the reference (and to LiveCodeBench's harness); then
+a fit, per grader, of s/response = fixed + per-test x n (from the 1- and 50-test workloads), and
+for ``per_response`` where a test's time goes (the fork server's phases, medians over the 50-test
+workload).
 
 The 2 cores of a shared machine make single timings noisy: compare the columns of one run, not
 runs of different days.
@@ -45,6 +51,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from distil_ray.feedback.code import PRELUDE, ExecutionLimits, check_program, compare_stdout  # noqa: E402
+from distil_ray.feedback.code import harness  # noqa: E402
 from distil_ray.feedback.sandbox import SandboxLimits  # noqa: E402
 from distil_ray.tasks.livecodebench.data import record_tests  # noqa: E402
 
@@ -143,6 +150,31 @@ def reference_grade(code: str, tests: list[dict[str, str]], timeout_s: float) ->
     return statuses
 
 
+# -- LiveCodeBench's own harness (optional) ------------------------------------------------------
+
+_LCB = None  # its check_correctness, once --lcb is given
+_LCB_CODES = {True: "passed", -2: "wrong_answer", -3: "timeout", -4: "runtime_error"}
+
+
+def load_lcb(path: str) -> None:
+    global _LCB
+    sys.path.insert(0, str(Path(path).resolve()))
+    from lcb_runner.evaluation.compute_code_generation_metrics import check_correctness
+    _LCB = check_correctness
+
+
+def lcb_grade(code: str, tests: list[dict[str, str]], timeout_s: float) -> list[str]:
+    sample = {"input_output": json.dumps({"inputs": [t["input"] for t in tests],
+                                          "outputs": [t["output"] for t in tests]})}
+    results, _ = _LCB(sample, code, timeout=max(1, round(timeout_s)), debug=False)
+    return [_LCB_CODES.get(r, f"code {r}") for r in results]
+
+
+def verdict(statuses: list[str]) -> str:
+    """Passed, or the first failure's kind: what every harness says, whether or not it stops."""
+    return next((s for s in statuses if s != "passed"), "passed")
+
+
 # -- the graders ------------------------------------------------------------------------------------
 
 GRADERS = ("reference", "per_response", "per_test", "per_response, 2 tests at once")
@@ -152,6 +184,8 @@ def grade(grader: str, name: str) -> list[str]:
     code, tests, timeout_s = WORKLOADS[name]
     if grader == "reference":
         return reference_grade(code, tests, timeout_s)
+    if grader == "livecodebench":
+        return lcb_grade(code, tests, timeout_s)
     execution, _, parallel = grader.partition(", ")
     limits = ExecutionLimits(timeout_s=timeout_s, sandbox=SandboxLimits(memory_mb=2048), execution=execution,
                              parallel_tests=2 if parallel else 1)
@@ -165,13 +199,33 @@ def timed_grade(grader: str, name: str) -> tuple[float, list[str]]:
     return time.perf_counter() - t0, statuses
 
 
-def session_test_walls(name: str) -> list[float]:
+def session_phases(name: str, reps: int = 5) -> dict[str, float]:
+    """Medians of the fork server's phases of each test (plus the host's round trip), in s."""
     code, tests, timeout_s = WORKLOADS[name]
-    v = check_program(code, tests, limits=ExecutionLimits(timeout_s=timeout_s, execution="per_response"))
-    return [r.wall_s for r in v.results]
+    samples: dict[str, list[float]] = {}
+    grab = lambda res, *a, **k: samples.setdefault("_", []).append(res.phases) or _result_of_run(res, *a, **k)
+    harness.result_of_run = grab
+    try:
+        for _ in range(reps):
+            check_program(code, tests, limits=ExecutionLimits(timeout_s=timeout_s, execution="per_response"))
+    finally:
+        harness.result_of_run = _result_of_run
+    phases = [p for p in samples.get("_", []) if p]
+    return {k: statistics.median(p[k] for p in phases) for k in phases[0]} if phases else {}
 
 
 WORKLOADS = workloads()
+_result_of_run = harness.result_of_run
+
+
+PHASES = {  # the fork server's phases of one test (forkserver.py), and the host's share
+    "fork": "fork the test's process, before its test (between tests)",
+    "dispatch": "request read, input and limits handed to the process",
+    "start": "the process wakes, sets its rlimits",
+    "run": "the program runs and exits",
+    "collect": "output drained, leftovers checked, report written",
+    "round_trip": "host: request sent to report parsed",
+}
 
 
 def main() -> None:
@@ -180,55 +234,68 @@ def main() -> None:
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--batch", type=int, default=6, help="responses per batch with several workers")
     ap.add_argument("--quick", action="store_true", help="3 reps, batches of 4")
+    ap.add_argument("--lcb", metavar="DIR", help="a LiveCodeBench checkout: time its harness too")
     args = ap.parse_args()
     if args.quick:
         args.reps, args.batch = 3, 4
-    rows = []  # (workload, workers, grader, s/response)
+    graders = GRADERS
+    if args.lcb:
+        load_lcb(args.lcb)
+        graders = ("livecodebench",) + GRADERS
+    rows = []  # (workload, workers, grader, s/response, tests/s, x reference, x LCB)
     for name in WORKLOADS:
         n_tests = len(WORKLOADS[name][1])
         expected = grade("reference", name)
-        for g in GRADERS[1:]:  # warm-up (bwrap's self-check, cgroup probe) and the verdict check
-            got = grade(g, name)
-            if got != expected:
+
+        def check(g: str, got: list[str]) -> None:
+            same = verdict(got) == verdict(expected) if g == "livecodebench" else got == expected
+            if not same:
                 raise SystemExit(f"{name}: {g} gave {got}, the reference {expected}")
+
+        for g in graders:  # warm-up (bwrap's self-check, cgroup probe) and the verdict check
+            check(g, grade(g, name))
         for workers in args.workers:
-            samples: dict[str, list[float]] = {g: [] for g in GRADERS}
+            samples: dict[str, list[float]] = {g: [] for g in graders}
             if workers == 1:
                 for _ in range(args.reps):
-                    for g in GRADERS:
+                    for g in graders:
                         dt, statuses = timed_grade(g, name)
-                        assert statuses == expected, (g, statuses)
+                        check(g, statuses)
                         samples[g].append(dt)
             else:
                 with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as pool:
-                    list(pool.map(grade, [g for g in GRADERS for _ in range(workers)], [name] * len(GRADERS) * workers))
+                    list(pool.map(grade, [g for g in graders for _ in range(workers)], [name] * len(graders) * workers))
                     for _ in range(max(1, args.reps // 2)):
-                        for g in GRADERS:
+                        for g in graders:
                             t0 = time.perf_counter()
                             out = list(pool.map(grade, [g] * args.batch, [name] * args.batch))
                             samples[g].append((time.perf_counter() - t0) / args.batch)
-                            assert all(s == expected for s in out), (g, out)
+                            for got in out:
+                                check(g, got)
             ref = statistics.median(samples["reference"])
-            for g in GRADERS:
+            lcb = statistics.median(samples["livecodebench"]) if args.lcb else float("nan")
+            for g in graders:
                 med = statistics.median(samples[g])
-                rows.append((name, workers, g, med, n_tests / med, med / ref))
+                rows.append((name, workers, g, med, n_tests / med, med / ref, med / lcb))
             print(f"  done: {name}, {workers} worker(s)", file=sys.stderr, flush=True)
 
-    print(f"\n{'workload':32} {'workers':>7} {'grader':>30} {'s/response':>11} {'tests/s':>9} {'x reference':>11}")
-    for name, workers, g, med, tps, ratio in rows:
-        print(f"{name:32} {workers:>7} {g:>30} {med:>11.4f} {tps:>9.1f} {ratio:>11.2f}")
+    print(f"\n{'workload':32} {'workers':>7} {'grader':>30} {'s/response':>11} {'tests/s':>9} {'x reference':>11}"
+          + (f" {'x LCB':>7}" if args.lcb else ""))
+    for name, workers, g, med, tps, ratio, lcb_ratio in rows:
+        print(f"{name:32} {workers:>7} {g:>30} {med:>11.4f} {tps:>9.1f} {ratio:>11.2f}"
+              + (f" {lcb_ratio:>7.2f}" if args.lcb else ""))
 
     print("\nper-test cost (serial; fit of the 1- and 50-test workloads: s/response = fixed + per test x n)")
-    med = {(n, g): m for n, w, g, m, _, _ in rows if w == 1}
+    med = {(n, g): m for n, w, g, m, *_ in rows if w == 1}
     one, fifty = "1 stdin test, correct", "50 stdin tests, correct"
-    for g in GRADERS[:3]:
+    for g in graders:
         if (one, g) in med and (fifty, g) in med:
             per_test = (med[(fifty, g)] - med[(one, g)]) / 49
             fixed = med[(one, g)] - per_test
-            print(f"  {g:>13}: {1000 * fixed:7.1f} ms fixed + {1000 * per_test:6.2f} ms per test")
-    walls = session_test_walls(fifty)
-    print(f"  per_response, in each test's own process (fork to exit, median): {1000 * statistics.median(walls):.2f} ms;"
-          " the rest of a test: request, kill and sweep of the test's processes, reply, comparison")
+            print(f"  {g:>30}: {1000 * fixed:7.1f} ms fixed + {1000 * per_test:6.2f} ms per test")
+    print(f"\nper_response, where a test's time goes ({fifty}; medians; 'fork' is off the critical path)")
+    for key, ms in session_phases(fifty, args.reps).items():
+        print(f"  {key:>10}: {1000 * ms:6.3f} ms  {PHASES.get(key, '')}")
 
 
 if __name__ == "__main__":

@@ -36,10 +36,10 @@ class Grader:
         self.task = cfg.build()
 
     def close(self) -> None:
-        """Stop the spare sandbox this process keeps for the next response (code tasks)."""
-        from distil_ray.feedback.code.harness import close_spare_sandboxes
+        """Stop the sandboxes this process keeps for the next responses (code tasks)."""
+        from distil_ray.feedback.code.harness import close_idle_sandboxes
 
-        close_spare_sandboxes()
+        close_idle_sandboxes()
 
     def grade(self, example: TaskExample | Prompt, rollout: Rollout) -> Graded:
         """Grade one rollout against its example (or the Prompt that carries it)."""

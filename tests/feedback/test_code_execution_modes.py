@@ -33,7 +33,9 @@ while True:
         time.sleep(0.01)
 """
 # Test 1 leaves a detached process and files behind; the later tests print what they can see
-# of them: processes other than the sandbox's (init, supervisor or fork server) and files.
+# of them: processes other than the sandbox's own (this process's ancestors: init, then the
+# supervisor, or the fork server and the response server; and their forks waiting for the next
+# test or response) and files.
 LEFTOVERS = """
 import os, subprocess, sys, time
 if input() == "1":
@@ -41,7 +43,19 @@ if input() == "1":
     open("left.txt", "w").write("x")
     open("/tmp/left.txt", "w").write("x")
     time.sleep(0.2)
-pids = [p for p in os.listdir("/proc") if p.isdigit() and int(p) not in (1, os.getpid(), os.getppid())]
+def cmdline(pid):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return None
+own, pid = {1}, os.getpid()
+while pid > 1:
+    own.add(pid)
+    with open(f"/proc/{pid}/stat") as f:
+        pid = int(f.read().rsplit(")", 1)[1].split()[1])
+sandbox = {cmdline(p) for p in own}  # (its servers' forks, waiting for the next test or response)
+pids = [p for p in os.listdir("/proc") if p.isdigit() and int(p) not in own and cmdline(p) not in sandbox]
 print(len(pids), sorted(os.listdir(".")), sorted(os.listdir("/tmp")))
 """
 LEFTOVER_TESTS = [{"input": f"{i}\n", "output": "0 [] []\n"} for i in (1, 2, 3)]
@@ -185,9 +199,9 @@ def test_stop_on_first_failure_and_parallel_tests_match_a_serial_full_run():
         assert {r.error for r in stop[6:]} == {"stopped at the first failure"}
 
 
-def test_spares_outlive_the_worker_threads_that_asked_for_them():
-    # bwrap dies with the *thread* that started it: a spare started from a parallel_tests worker
-    # thread, which ends with its response, must not be the one the next response gets
+def test_sandboxes_outlive_the_worker_threads_that_used_them():
+    # bwrap dies with the *thread* that started it: a sandbox used by a parallel_tests worker
+    # thread, which ends with its response, must still serve the next response
     limits = limits_for("per_response", parallel_tests=2)
     for _ in range(8):
         v = check_program(SUM, SUM_TESTS, limits=limits)
@@ -203,20 +217,60 @@ def test_a_test_that_breaks_its_sandbox_does_not_take_the_others_down(monkeypatc
     assert v.statuses == ["passed", "timeout", "passed"], v.feedback
 
 
+# Response 1 leaves all it can behind: a secret in its memory, a detached process listening on an
+# abstract unix socket, files in every writable directory; it tries a System V shared memory
+# segment (which would outlive it in the sandbox's IPC namespace: refused).
+FIRST_RESPONSE = r"""
+import ctypes, os, subprocess, sys, time
+SECRET = "response-one-" + "secret"
+libc = ctypes.CDLL(None, use_errno=True)
+print("shmget", libc.shmget(0, 4096, 0o1666), ctypes.get_errno())
+listener = "import socket, time; s = socket.socket(socket.AF_UNIX); s.bind(b'\\0left'); s.listen(); time.sleep(60)"
+subprocess.Popen([sys.executable, "-c", listener], start_new_session=True)
+for d in (".", "/tmp", "/dev/shm"):
+    open(os.path.join(d, "left.txt"), "w").write(SECRET)
+time.sleep(0.3)
+"""
+# Response 2, in the same sandbox, looks for all of it.
+SECOND_RESPONSE = """
+import gc, os, socket
+def cmdline(pid):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return None
+own, pid = {1}, os.getpid()
+while pid > 1:
+    own.add(pid)
+    with open(f"/proc/{pid}/stat") as f:
+        pid = int(f.read().rsplit(")", 1)[1].split()[1])
+sandbox = {cmdline(p) for p in own}  # (its servers' forks, waiting for the next test or response)
+others = [p for p in os.listdir("/proc") if p.isdigit() and int(p) not in own and cmdline(p) not in sandbox]
+s = socket.socket(socket.AF_UNIX)
+try:
+    s.connect(b"\\0left")
+    reached = True
+except OSError:
+    reached = False
+secret = any(isinstance(o, dict) and o.get("SECRET") == "response-one-secret" for o in gc.get_objects())
+print(len(others), os.listdir("."), os.listdir("/tmp"), os.listdir("/dev/shm"), reached, secret)
+"""
+
+
 @needs_bwrap
 def test_nothing_of_one_response_reaches_the_next():
-    # Response 1 leaves a process, files and its own secret in memory; response 2 (in the spare
-    # sandbox started meanwhile) looks for all of them.
-    first = LEFTOVERS.replace('if input() == "1":', 'SECRET = "response-one-" + "secret"\nif input() == "1":')
+    # Both responses are served by the same sandbox (the one the first gave back), each by a
+    # response server of its own.
+    code_harness.close_idle_sandboxes()
     limits = limits_for("per_response")
-    assert check_program(first, LEFTOVER_TESTS[:1], limits=limits).statuses == ["wrong_answer"]
-    probe = LEFTOVERS + (
-        "import gc\n"
-        "print(any(isinstance(o, dict) and o.get('SECRET') == 'response-one-secret' for o in gc.get_objects()))\n"
-    )
-    tests = [{"input": "2\n", "output": "0 [] []\nFalse\n"}]
-    assert check_program(probe, tests, limits=limits).statuses == ["passed"]
-    assert code_harness._spares  # (a spare was waiting for the next response)
+    first = check_program(FIRST_RESPONSE, [{"input": "", "output": "shmget -1 1\n"}], limits=limits)
+    assert first.statuses == ["passed"], first.feedback  # (errno 1: EPERM)
+    [sandbox] = [s for pool in code_harness._idle.values() for s in pool]
+    second = check_program(SECOND_RESPONSE, [{"input": "", "output": "0 [] [] [] False False\n"}], limits=limits)
+    assert second.statuses == ["passed"], second.feedback
+    assert [s for pool in code_harness._idle.values() for s in pool] == [sandbox]
+    assert sandbox.programs == 2
 
 
 def test_execution_settings_are_checked():

@@ -8,8 +8,8 @@ cgroup are skipped (with the reason) where this process cannot create cgroups, a
 seccomp filter on an architecture without one.
 
 Every test runs twice: with one sandbox per run (``Sandbox.run``) and through a session's fork
-server (``Sandbox.session``, one sandbox per response in the code harness), where each run is a
-child forked inside an already started sandbox.
+server (``Sandbox.session``, as the code harness runs responses), where each run is a child
+forked inside an already started sandbox that has served an earlier program.
 """
 
 from __future__ import annotations
@@ -61,7 +61,14 @@ needs_seccomp = pytest.mark.skipif(ABI is None, reason=f"no seccomp filter for {
 
 
 def run_in_session(self: Sandbox, code: str, stdin: str | bytes = "", args=()) -> sandbox.SandboxResult:
-    with self.session(code, args=args) as session:
+    # As the code harness runs a response: in a sandbox that served an earlier one.
+    with self.session("print('an earlier response')", args=args) as session:
+        earlier = session.run("")
+        if earlier.status == "sandbox_error":  # (the sandbox did not start: the program would not either)
+            return earlier
+        assert (earlier.status, earlier.stdout) == ("ok", "an earlier response\n"), earlier
+        session.unload()
+        session.load(code, args=args)
         return session.run(stdin)
 
 
@@ -526,6 +533,10 @@ out = {
     "open_by_handle_at": call("open_by_handle_at", -1, 0, 0),
     "keyctl": call("keyctl", 0, -3, 0),  # KEYCTL_GET_KEYRING_ID of the session keyring
     "clone3": call("clone3", 0, 0),
+    "shmget": call("shmget", 0, 4096, 0o1666),  # IPC_PRIVATE, IPC_CREAT | 0666
+    "msgget": call("msgget", 0, 0o1666),
+    "semget": call("semget", 0, 1, 0o1666),
+    "mq_open": call("mq_open", b"q", 0o100 | 2, 0o666, None),  # O_CREAT | O_RDWR
 }
 status = dict(line.split(":", 1) for line in open("/proc/self/status"))
 out["Seccomp"] = status["Seccomp"].strip()

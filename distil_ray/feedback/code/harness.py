@@ -17,11 +17,11 @@ with ``stop_on_first_failure`` those after the first failure.
   previous test (its processes are killed and the working directories wiped). The sandbox only
   ever receives the inputs: every output is compared here, outside it. A test that kills or
   stops the fork server ends that sandbox; the next test gets a new one.
-  With ``warm_sandbox`` (default) each process keeps one *spare* sandbox started ahead of time
-  (:meth:`Sandbox.spare_session`: started, the prelude imported, no program yet). A response takes
-  it and loads its program into it, and the next spare starts at once, while the tests run: the
-  ~90 ms of starting bwrap and the interpreter leave the response's critical path. A spare is
-  used by exactly one response, so no response ever sees a sandbox another one ran in.
+  With ``warm_sandbox`` (default) a sandbox outlives its response: at the response's end its
+  program is unloaded (its response server exits; the fork server forks a fresh one) and the
+  sandbox waits, idle, for the next response of this process with the same limits. The start of
+  bwrap and of the interpreter (~40 ms) is paid once per process, not per response; what the
+  next response finds of the previous one is nothing (see :mod:`..sandbox.forkserver`).
 * ``"per_test"``: one sandbox (bwrap, cgroup, interpreter) per test, as :meth:`Sandbox.run`.
 
 Both give the same verdicts. ``parallel_tests`` > 1 runs that many tests at once (one sandbox
@@ -66,7 +66,7 @@ class ExecutionLimits:
     settings: SandboxSettings = field(default_factory=SandboxSettings)
     execution: str = "per_response"  # one sandbox per response, or "per_test" (see the module docstring)
     parallel_tests: int = 1  # tests of one response run at once
-    warm_sandbox: bool = True  # per_response: keep a spare sandbox started for the next response
+    warm_sandbox: bool = True  # per_response: a sandbox serves the next responses once this one is done
 
     def __post_init__(self) -> None:
         if self.execution not in EXECUTION_MODES:
@@ -178,47 +178,61 @@ class _SessionRunner:
 
     def close(self) -> None:
         if self.session is not None:
-            self.session.close()
+            _give_back(self.session, self.sandbox, self.limits.warm_sandbox)
             self.session = None
 
 
-# The spare sandboxes of this process, one per (limits, settings); never shared with a forked
-# copy of the process (each session checks its owner's pid, and the copy starts with none).
-_MAX_SPARES = 4
-_spares: dict[str, SandboxSession] = {}
-_spares_lock = threading.Lock()
+# The warm sandboxes of this process, idle between responses, per (limits, settings); never
+# shared with a forked copy of the process (each session checks its owner's pid, and the copy
+# starts with none).
+_MAX_IDLE = 4  # per (limits, settings): enough for parallel_tests workers and a few graders
+_idle: dict[str, list[SandboxSession]] = {}
+_idle_lock = threading.Lock()
+
+
+def _key(sandbox: Sandbox) -> str:
+    return repr((sandbox.limits, sandbox.settings))
 
 
 def _take_session(sandbox: Sandbox, warm: bool) -> SandboxSession:
-    """A started, never used session for one response: the spare if there is one, else a new
-    one; with ``warm``, the next spare starts now (it boots while this response's tests run)."""
-    key = repr((sandbox.limits, sandbox.settings))
-    with _spares_lock:
-        spare = _spares.pop(key, None)
-    if spare is not None and not spare.usable:
-        spare.close()
-        spare = None
-    session = spare if spare is not None else sandbox.spare_session(PRELOAD)
+    """A session with no program for one response: with ``warm``, an idle one that an earlier
+    response gave back (its program unloaded), else a new one."""
     if warm:
-        new = _spare_starter().submit(sandbox.spare_session, PRELOAD).result()
-        with _spares_lock:
-            extra = [_spares.pop(key)] if key in _spares else []  # (another thread made one meanwhile)
-            _spares[key] = new
-            while len(_spares) > _MAX_SPARES:
-                extra.append(_spares.pop(next(iter(_spares))))
-        for s in extra:
-            s.close()
-    return session
+        while True:
+            with _idle_lock:
+                pool = _idle.get(_key(sandbox))
+                session = pool.pop() if pool else None
+            if session is None:
+                break
+            if session.usable:
+                return session
+            session.close()
+    # (started from a thread that lives as long as the process: see _session_starter)
+    return _session_starter().submit(sandbox.spare_session, PRELOAD).result()
 
 
-def _spare_starter() -> ThreadPoolExecutor:
-    """The thread that starts the spares. It lives as long as the process: bwrap's
-    ``--die-with-parent`` fires when the *thread* that started it ends, and a spare outlives the
-    response (and the ``parallel_tests`` worker thread) that asked for it."""
+def _give_back(session: SandboxSession, sandbox: Sandbox, warm: bool) -> None:
+    """The response is done with ``session``: with ``warm`` its program is unloaded and it waits
+    for the next response; else it is closed."""
+    if warm and not session.broken:
+        session.unload()
+        if session.usable:
+            with _idle_lock:
+                pool = _idle.setdefault(_key(sandbox), [])
+                if len(pool) < _MAX_IDLE:
+                    pool.append(session)
+                    return
+    session.close()
+
+
+def _session_starter() -> ThreadPoolExecutor:
+    """The thread that starts the sessions. It lives as long as the process: bwrap's
+    ``--die-with-parent`` fires when the *thread* that started it ends, and a session outlives
+    the response (and the ``parallel_tests`` worker thread) that asked for it."""
     global _starter
-    with _spares_lock:
+    with _idle_lock:
         if _starter is None:
-            _starter = ThreadPoolExecutor(1, thread_name_prefix="sandbox-spare")
+            _starter = ThreadPoolExecutor(1, thread_name_prefix="sandbox-start")
         return _starter
 
 
@@ -227,20 +241,20 @@ _starter: ThreadPoolExecutor | None = None
 
 def _after_fork_in_child() -> None:
     global _starter
-    _spares.clear()
+    _idle.clear()
     _starter = None  # (its thread did not survive the fork)
 
 
-def close_spare_sandboxes() -> None:
-    """Stop this process's spare sandboxes (also done at exit)."""
-    with _spares_lock:
-        spares = list(_spares.values())
-        _spares.clear()
-    for s in spares:
+def close_idle_sandboxes() -> None:
+    """Stop this process's idle sandboxes (also done at exit)."""
+    with _idle_lock:
+        sessions = [s for pool in _idle.values() for s in pool]
+        _idle.clear()
+    for s in sessions:
         s.close()
 
 
-atexit.register(close_spare_sandboxes)
+atexit.register(close_idle_sandboxes)
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 

@@ -65,8 +65,10 @@ passes a one-time self-check in this process:
   ``setns``, ``clone`` with a ``CLONE_NEW*`` flag; inside a new user namespace the program could
   mount an unsized tmpfs or build new network namespaces), mounting (old and new mount API),
   kernel keys (``keyctl``, ``add_key``, ``request_key``), ``io_uring``, ``bpf``,
-  ``perf_event_open``, ``userfaultfd``, ``ptrace``, module loading, ``kexec`` and file handles
-  (``open_by_handle_at``). ``clone3`` gets ``ENOSYS`` (its flags live in memory, out of a
+  ``perf_event_open``, ``userfaultfd``, ``ptrace``, module loading, ``kexec``, file handles
+  (``open_by_handle_at``) and System V IPC and POSIX message queues (``shmget``, ``semget``,
+  ``msgget``, ``mq_open`` and the calls that use them: their objects outlive the process in the
+  IPC namespace, which the programs a session serves share). ``clone3`` gets ``ENOSYS`` (its flags live in memory, out of a
   filter's reach), so the C library falls back to ``clone`` for threads and ``posix_spawn``.
   Calls through a foreign ABI (i386 ``int 0x80`` or x32 on x86_64) get ``EPERM``. Filters exist
   for x86_64 and aarch64; elsewhere the run goes on without one and ``warning`` says so loudly;
@@ -75,7 +77,7 @@ passes a one-time self-check in this process:
   hierarchies; ``result.cgroup`` says which). The launched process joins it (through a
   ``/bin/sh`` that then execs bwrap, or the supervisor, in the same process), so bwrap and
   everything the program starts are inside from the start. It caps the memory of the
-  whole run (see "Memory limit") and its task count (``max_processes`` plus the sandbox's three
+  whole run (see "Memory limit") and its task count (``max_processes`` plus the sandbox's own
   processes, threads included), and it is how the end of a run kills everything. Where no cgroup
   can be made the run goes on without one, and ``warning`` says so;
 * end of run: every process in the run's cgroup is killed (v2 ``cgroup.kill``; v1 each member,
@@ -103,22 +105,26 @@ and ``RLIMIT_NPROC`` does not bind (the ``warning`` says so). The fallback is lo
 (raise :class:`SandboxUnavailable` if it does not work) or ``"rlimits"`` (force the fallback).
 ``use_cgroup=False`` turns the per-run cgroup off.
 
-Sessions: one sandbox, many runs
---------------------------------
+Sessions: one sandbox, many runs, many programs
+-----------------------------------------------
 ``Sandbox.session(code, setup=..., args=...)`` starts the sandbox once (the same layers as above,
 with a *fork server* as its supervisor, :mod:`.forkserver`) and runs ``code`` once per
 ``session.run(stdin, timeout_s=..., max_output_bytes=...)``; each result is classified as a run of
-its own would be. Each run is a child forked from the server (the interpreter, the ``setup`` code
-and the compiled program are ready: no start-up per run) that takes its own process group, a
-*fresh uid of its own* (run by root), the run's rlimits, a fresh keyring and the seccomp filter;
-its wall time is watched through a pidfd and its output capped. After it, everything it left
-running is killed (the server is a child subreaper) and ``/work``, ``/tmp`` and ``/dev/shm`` are
-wiped. Shared by the runs of a session: the namespaces, the cgroup (its memory and task caps bind
-the session as a whole; per-run peaks are read where cgroup v1 can reset them) and the server's
-memory, which holds only the program and the inputs sent so far. ``spare_session()`` starts one
-before its program is known (``load()`` gives it later): the code harness keeps one started for
-the next response. A run that kills or stops the server (it cannot signal it across uids when
-run by root) leaves the session ``broken``; the caller starts another.
+its own would be. The program is loaded into a *response server* forked from the fork server
+(the ``setup`` code runs and the program is compiled there, once), and each run is a process
+forked from the response server, ahead of its run (no start-up per run): its own process group,
+a *fresh uid of its own* (run by root), the run's rlimits; the seccomp filter and a fresh session
+keyring come with the fork. Its wall time is watched through a pidfd and its output capped.
+After it, everything it left running is killed (the server is a child subreaper) and ``/work``,
+``/tmp`` and ``/dev/shm`` are wiped. ``session.unload()`` ends the program (its response server
+exits) and ``session.load(code, ...)`` gives the session the next one, in a fresh response server
+that never saw the previous program: the code harness keeps its sandboxes across responses this
+way. Shared by the runs (and programs) of a session: the namespaces (the seccomp filter refuses
+System V IPC and POSIX message queues, the only objects in them that outlive a process), the
+cgroup (its memory and task caps bind one run at a time; per-run peaks are read where cgroup v1
+can reset them). ``spare_session()`` starts one before its program is known. A run that kills or
+stops a server (it cannot signal it across uids when run by root) leaves the session ``broken``;
+the caller starts another.
 
 Memory limit
 ------------
@@ -128,7 +134,7 @@ Two limits apply:
   fails inside the program (CPython raises ``MemoryError``);
 * the run's cgroup caps the memory of the run as a whole (all its processes, and what it keeps in
   tmpfs files and memfds, which no rlimit counts; swap included) at ``memory_mb`` plus the tmpfs
-  budget (3 x ``max_file_mb``: ``/work``, ``/tmp`` and ``/dev/shm``) plus 32 MiB for the
+  budget (3 x ``max_file_mb``: ``/work``, ``/tmp`` and ``/dev/shm``) plus 48 MiB for the
   sandbox's own processes. It is the larger of the two on purpose: a plain big allocation still
   fails at ``RLIMIT_AS`` with a readable ``MemoryError``, while many processes, memfds or tmpfs
   files together meet the kernel's OOM killer. The program's processes get ``oom_score_adj``

@@ -1,64 +1,77 @@
 """The fork server: the supervisor of a :class:`~.session.SandboxSession`, one sandbox that runs
-the same program many times (once per test of a response) without starting a new sandbox, a new
-interpreter or a new cgroup each time.
+many responses' programs, one after another, and each of them many times (once per test),
+without starting a new sandbox, a new interpreter or a new cgroup for either.
 
 It is started like the supervisor (``python -I -S -c _FORKSERVER <spec as JSON>``, inside bwrap or
 in the rlimits-only fallback) and shares its code (:data:`.supervisor._COMMON`). Once, at start, it
 becomes a child subreaper and non-dumpable (programs of its own uid cannot read its memory or its
-file descriptors through ``/proc``) and runs the *preload* program (trusted imports). A session
-may be started that far ahead of time, before its program is known (a spare). Its first request
-then loads the program: the server runs the *setup* program (``setup.py``, trusted code of the
-caller: it may import modules and compile, never run, the untrusted program) in a namespace, and
-compiles the *main* program (``main.py``), both written by the host just before.
+file descriptors through ``/proc``) and runs the *preload* program (trusted imports). It never
+loads a program itself: for each response it forks a *response server*, ahead of time, which
+waits for the response's first request. Three processes deep, then:
 
-Then, per request read from its standard input (a JSON line, then the input's bytes), it forks a
-child that takes its own process group, gets the input as standard input (a memfd) and fresh
-pipes as stdout/stderr, sets the request's rlimits, switches to a *fresh uid of its own* (when the
-server may switch uids, i.e. run by root), joins a fresh session keyring, installs the seccomp
-filter and runs the main program as ``__main__`` in a copy of the setup namespace (the fork gives
-it that copy). The server waits (pidfd) until the child exits, its wall time runs out or an output
-goes past its cap; then it kills the child, its process group and every other descendant (orphans
-come to the subreaper, ``setsid()`` or not), wipes the working directories (``/work``, ``/tmp``,
-``/dev/shm``) as that uid, and reports on the status pipe: a JSON line (wait status, rusage, why
-it killed) followed by the captured stdout and stderr. The next child therefore finds nothing of
-the previous one: no process, no file, not even its uid.
+* the **root server** forks a response server, and the next one ahead of time; it waits until
+  the first ends, kills whatever is left of it (its orphans come to the root, a subreaper too)
+  and lets the next one start. It never reads a request: the response servers read exactly their
+  own (length-prefixed frames) off the shared request pipe;
+* the **response server** reads its response's first request, which loads the program: it runs
+  the *setup* program (``setup.py``, trusted code of the caller: it may import modules and
+  compile, never run, the untrusted program) and compiles the *main* program (``main.py``), both
+  written by the host just before, into the program's ``__main__`` module; then it confines
+  itself (a fresh session keyring, the seccomp filter: every test process inherits both). Per
+  test request (a JSON header, then the input's bytes) it starts one test process, and at the
+  response's end request (or the end of the request pipe) it exits;
+* a **test process** is forked from the response server *before* its test is known (while the
+  previous test runs: the fork and the interpreter's after-fork work leave the test's critical
+  path). It takes
+  its own process group, its standard streams (stdin a memfd the server fills when the request
+  comes, fresh pipes for stdout and stderr), ``oom_score_adj`` 1000 and a *fresh uid of its own*
+  (when the server may switch uids, i.e. run by root), enters the working directory and waits;
+  the request brings its rlimits, and it runs the main program as ``__main__``.
+
+The response server waits (pidfd) until the test process exits, its wall time runs out or an
+output goes past its cap; then it kills the process, its process group and every other
+descendant (orphans come to the subreaper, ``setsid()`` or not), reports on the status pipe (a
+JSON line: wait status, rusage, why it killed, where the time went; then the captured stdout and
+stderr) and wipes the working directories (``/work``, ``/tmp``, ``/dev/shm``) as that uid. The
+next test therefore finds nothing of the previous one: no process, no file, not even its uid; and
+the next response finds nothing of this one either, not even its program in memory (its server
+is a fresh fork of the root, which never held a program). What the namespaces could carry from
+one process to another beyond that (System V IPC, POSIX message queues) the seccomp filter
+refuses.
 
 Nothing the host compares against (expected outputs) is ever sent here."""
 
 from .supervisor import _COMMON
 
 _FORKSERVER = _COMMON + r"""
-import atexit, select, types
+import atexit, select, struct, types
 
 PR_SET_DUMPABLE = 4
+END_OF_REQUESTS = 3  # a response server's exit code when the host closed the request pipe
 uid_switch = spec["switch_uid"]
-work, clean_dirs, argv = spec["work"], spec["clean"], []
+work, clean_dirs = spec["work"], spec["clean"]
 
-def read_exactly(n, buf):
+def read_exactly(n):
+    buf = bytearray()
     while len(buf) < n:
-        chunk = os.read(0, max(n - len(buf), 1 << 16))
+        chunk = os.read(0, n - len(buf))
         if not chunk:
             return None
         buf += chunk
-    return buf
-
-inbuf = bytearray()
+    return bytes(buf)
 
 def next_request():
-    # A JSON line, then header["n"] bytes of input; None at end of file (the host is done).
-    global inbuf
-    while b"\n" not in inbuf:
-        chunk = os.read(0, 1 << 16)
-        if not chunk:
-            return None, None
-        inbuf += chunk
-    line, _, rest = bytes(inbuf).partition(b"\n")
-    req = json.loads(line)
-    data = read_exactly(req["n"], bytearray(rest))
-    if data is None:
+    # A frame: the lengths of its JSON header and of its input (two little-endian u32), then both.
+    # Read exactly, never past its end: what follows belongs to the next response's server.
+    # (None, None) at the end of the pipe (the host is done).
+    sizes = read_exactly(8)
+    if sizes is None:
         return None, None
-    inbuf = bytearray(data[req["n"]:])
-    return req, bytes(data[:req["n"]])
+    n_head, n_data = struct.unpack("<II", sizes)
+    body = read_exactly(n_head + n_data)
+    if body is None:
+        return None, None
+    return json.loads(body[:n_head]), body[n_head:]
 
 def write_all(fd, data):
     view = memoryview(data)
@@ -101,44 +114,129 @@ def finish(code):
         pass
     return code
 
-def child(req, in_fd, out_w, err_w, ready_w, uid):
+class Spare:
+    # The next test's process, forked before its test is known (while the previous test runs),
+    # so that the fork, the interpreter's after-fork work and what does not depend on the test
+    # leave the test's critical path: it has its own process group, its fresh uid and its
+    # standard streams (the seccomp filter and the session keyring come with the fork); it waits
+    # for its request (the rlimits) on the `go` pipe, then enters the working directory (its own
+    # by then). Its stdin is a memfd the server fills when the request comes.
+    def __init__(self):
+        t0 = time.monotonic()
+        self.uid = fresh_uid() if uid_switch else None
+        self.in_fd = os.memfd_create("stdin", 0)
+        self.out_r, out_w = os.pipe()
+        self.err_r, err_w = os.pipe()
+        self.ready_r, ready_w = os.pipe()
+        go_r, self.go_w = os.pipe()
+        self.pidfd = None
+        try:
+            self.pid = os.fork()
+        except OSError:
+            for fd in (out_w, err_w, ready_w, go_r):
+                os.close(fd)
+            self.close_fds()
+            raise
+        if self.pid == 0:
+            child(self.in_fd, out_w, err_w, go_r, ready_w, self.uid)
+        for fd in (out_w, err_w, ready_w, go_r):
+            os.close(fd)
+        self.pidfd = os.pidfd_open(self.pid)
+        self.fork_s = time.monotonic() - t0
+
+    def start(self, req, data):
+        # Give it its input and its limits: it runs at once. False: it is gone (the previous
+        # test's program, of the same uid in the fallback, killed it).
+        if spec["chown_work"] and self.uid is not None:
+            os.chown(work, self.uid, self.uid)  # (emptied by now: wipe() ran)
+        write_all(self.in_fd, data)
+        os.lseek(self.in_fd, 0, os.SEEK_SET)
+        os.close(self.in_fd)
+        self.in_fd = None
+        try:
+            write_all(self.go_w, json.dumps(req["rlimits"]).encode())
+        except BrokenPipeError:
+            return False
+        os.close(self.go_w)
+        self.go_w = None
+        return True
+
+    def close_fds(self):
+        for name in ("in_fd", "go_w", "out_r", "err_r", "ready_r", "pidfd"):
+            fd = getattr(self, name)
+            if fd is not None:
+                os.close(fd)
+                setattr(self, name, None)
+
+    def discard(self):
+        try:
+            signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+        except OSError:
+            pass
+        if reaped.pop(self.pid, None) is None:
+            try:
+                os.waitpid(self.pid, 0)
+            except ChildProcessError:
+                pass
+        self.close_fds()
+
+def child(in_fd, out_w, err_w, go_r, ready_w, uid):
+    # Before the request: everything that does not depend on it.
     try:
         os.setpgid(0, 0)  # its own process group, killed whole after the test
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         os.dup2(in_fd, 0)
         os.dup2(out_w, 1)
         os.dup2(err_w, 2)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        keep = sorted((go_r, ready_w))  # only these and the standard streams stay open
+        os.closerange(3, keep[0])
+        os.closerange(keep[0] + 1, keep[1])
+        os.closerange(keep[1] + 1, 1 << 20)
         try:
-            with open("/proc/self/oom_score_adj", "w") as f:
-                f.write("1000")
+            fd = os.open("/proc/self/oom_score_adj", os.O_WRONLY)
+            try:
+                os.write(fd, b"1000")
+            finally:
+                os.close(fd)
         except OSError:
             pass
-        for name, (soft, hard) in req["rlimits"].items():
-            resource.setrlimit(getattr(resource, name), (soft, hard))
         if uid is not None:
             os.setgroups([])
             os.setgid(uid)
             os.setuid(uid)  # from root to a non-zero uid: all capabilities are dropped
-        confine()
-        os.chdir(work)
-        # Only stdin/stdout/stderr stay open (not the request and status pipes, not ready_w).
-        os.closerange(3, 1 << 20)
     except BaseException as exc:
         try:
             os.write(ready_w, repr(exc).encode()[:2000])
         except OSError:
             pass
         os._exit(127)
-    sys.argv = list(argv)
-    main = types.ModuleType("__main__")
-    main.__dict__.update(namespace)
-    sys.modules["__main__"] = main
+    request = bytearray()
+    while True:
+        chunk = os.read(go_r, 1 << 16)
+        if not chunk:
+            break
+        request += chunk
+    if not request:  # discarded before its test
+        os._exit(0)
+    try:
+        for name, (soft, hard) in json.loads(request).items():
+            resource.setrlimit(getattr(resource, name), (soft, hard))
+        os.chdir(work)  # (its own now)
+        os.write(ready_w, b"ok" + repr(time.monotonic()).encode())
+        os.close(go_r)
+        os.close(ready_w)
+    except BaseException as exc:
+        try:
+            os.write(ready_w, repr(exc).encode()[:2000])
+        except OSError:
+            pass
+        os._exit(127)
     if main_error is not None:  # as the interpreter reports a program that does not compile
         sys.excepthook(type(main_error), main_error.with_traceback(None), None)
         os._exit(finish(1))
     code = 0
     try:
-        exec(main_code, main.__dict__)
+        exec(main_code, main_globals)
     except SystemExit as e:
         code = exit_code(e)
     except BaseException as e:
@@ -195,28 +293,30 @@ def wipe(uid):
     os.waitpid(pid, 0)
 
 def run_one(req, data):
-    uid = fresh_uid() if uid_switch else None
-    in_fd = os.memfd_create("stdin", 0)
-    write_all(in_fd, data)
-    os.lseek(in_fd, 0, os.SEEK_SET)
-    out_r, out_w = os.pipe()
-    err_r, err_w = os.pipe()
-    ready_r, ready_w = os.pipe()
-    if spec["chown_work"] and uid is not None:
-        os.chown(work, uid, uid)
-    cap = req["cap"]
+    global spare
+    t_request = time.monotonic()
+    s, spare = spare, None
+    if s is None or not s.start(req, data):
+        if s is not None:
+            s.discard()
+        s = Spare()
+        if not s.start(req, data):
+            raise RuntimeError("a test's process ended before its test")
     t0 = time.monotonic()
-    pid = os.fork()
-    if pid == 0:
-        child(req, in_fd, out_w, err_w, ready_w, uid)
-    for fd in (in_fd, out_w, err_w, ready_w):
-        os.close(fd)
-    pidfd = os.pidfd_open(pid)
-    out = {out_r: bytearray(), err_r: bytearray()}
+    # The next test's process is forked now, while this test runs (this server would only
+    # wait): it is of another uid (run by root), or non-dumpable and of no use to the program
+    # (the fallback); one the program killed is replaced at its test.
+    try:
+        spare = Spare()
+    except OSError:  # (the program holds every task the cgroup allows: the next test forks its own)
+        spare = None
+    keep = spare.pid if spare is not None else None
+    cap = req["cap"]
+    out = {s.out_r: bytearray(), s.err_r: bytearray()}
     poller = select.poll()
-    for fd in (out_r, err_r, pidfd):
+    for fd in (s.out_r, s.err_r, s.pidfd):
         poller.register(fd, select.POLLIN)
-    open_fds = {out_r, err_r}
+    open_fds = {s.out_r, s.err_r}
     deadline = t0 + req["timeout_s"]
     killed_for = None
 
@@ -241,7 +341,7 @@ def run_one(req, data):
             killed_for = "timeout"
             break
         for fd, _ in poller.poll(left * 1000):
-            if fd == pidfd:
+            if fd == s.pidfd:
                 exited = True
             else:
                 read_from(fd)
@@ -249,12 +349,10 @@ def run_one(req, data):
                     killed_for = "output_limit"
                     exited = True
     if killed_for is not None:
-        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-    _, wait_status, usage = os.wait4(pid, 0)
-    wall = time.monotonic() - t0
-    os.close(pidfd)
-    # What the program wrote before it ended, then everything it left running is killed (its
-    # process group first, then every descendant the subreaper holds), then the rest to EOF.
+        signal.pidfd_send_signal(s.pidfd, signal.SIGKILL)
+    _, wait_status, usage = os.wait4(s.pid, 0)
+    t_exit = time.monotonic()
+    # What the program wrote before it ended.
     for fd in list(open_fds):
         os.set_blocking(fd, False)
         while fd in open_fds and len(out[fd]) <= cap:
@@ -263,25 +361,93 @@ def run_one(req, data):
                     break
             except BlockingIOError:
                 break
+    # Anything it left running (its orphans come to this subreaper: no child of this process
+    # means no process of the test is left) is killed, then the rest of its output read to EOF.
+    # With nothing left running the output is complete and the report goes first: the host
+    # reads it while the files are wiped and the next test's process is forked.
+    leftovers = bool(open_fds) or any(pid != keep for pid in children(os.getpid()))
+    if leftovers:
+        try:
+            os.killpg(s.pid, signal.SIGKILL)
+        except OSError:
+            pass
+        kill_descendants(keep=keep)
+        if keep in reaped:  # (the program killed it)
+            spare.discard()
+            spare = None
+        for fd in list(open_fds):
+            os.set_blocking(fd, True)
+            while fd in open_fds and len(out[fd]) <= cap and read_from(fd):
+                pass
+    ready = os.read(s.ready_r, 4096)
+    s.close_fds()
+    if ready.startswith(b"ok"):
+        setup_error, t_start = None, float(ready[2:])
+    else:
+        setup_error, t_start = ready.decode(errors="replace") or "the test's process ended before its program", t0
+    stdout, stderr = (bytes(buf[: cap + 1]) for buf in out.values())
+    head = {"event": "test", "wait_status": wait_status, "maxrss_kb": usage.ru_maxrss,
+            "cpu_s": usage.ru_utime + usage.ru_stime, "wall_s": t_exit - t0, "killed_for": killed_for,
+            "setup_error": setup_error, "out": len(stdout), "err": len(stderr),
+            # where the test's time went, from the request's arrival (for the grading benchmark)
+            "phases": {"dispatch": t0 - t_request, "start": t_start - t0, "run": t_exit - t_start,
+                       "collect": time.monotonic() - t_exit, "fork": s.fork_s, **phases_ahead}}
+    phases_ahead.clear()
+    write_all(status_fd, json.dumps(head).encode() + b"\n" + stdout + stderr)
+    return s.uid
+
+def load(req):
+    # The first request names the program: setup.py and main.py have been written by now. The
+    # program's __main__ module, sys.argv and the confinement every test shares (the seccomp
+    # filter, a fresh session keyring: a fork inherits both) are set up here, once, so that a
+    # test's process touches as little of this one's memory as it can (each page it writes is
+    # copied).
+    global main_globals, main_code, main_error
+    main = types.ModuleType("__main__")
+    main_globals = main.__dict__
+    main_globals.update(__file__=spec["code_file"], __builtins__=__builtins__)
+    with open(spec["setup_file"], encoding="utf-8") as f:
+        exec(compile(f.read(), spec["setup_file"], "exec"), main_globals)
+    with open(spec["code_file"], encoding="utf-8") as f:
+        main_source = f.read()
     try:
-        os.killpg(pid, signal.SIGKILL)
+        main_code, main_error = compile(main_source, spec["code_file"], "exec"), None
+    except (SyntaxError, ValueError, OverflowError, MemoryError, RecursionError) as e:
+        main_code, main_error = None, e
+    sys.argv = list(req["argv"])
+    sys.modules["__main__"] = main
+    confine()
+
+spare = None  # the next test's process (a Spare), forked ahead
+phases_ahead = {}  # (the load's time, reported with the first test)
+
+def serve_one_response():
+    # The response server (a fresh fork of the root): load, the tests, exit.
+    global spare
+    try:
+        prctl(PR_SET_CHILD_SUBREAPER, 1)
     except OSError:
         pass
-    kill_descendants()
-    for fd in list(open_fds):
-        os.set_blocking(fd, True)
-        while fd in open_fds and len(out[fd]) <= cap and read_from(fd):
-            pass
-    for fd in (out_r, err_r):
-        os.close(fd)
-    setup_error = os.read(ready_r, 4096).decode(errors="replace")
-    os.close(ready_r)
-    wipe(uid)
-    stdout, stderr = bytes(out[out_r][: cap + 1]), bytes(out[err_r][: cap + 1])
-    head = {"event": "test", "wait_status": wait_status, "maxrss_kb": usage.ru_maxrss,
-            "cpu_s": usage.ru_utime + usage.ru_stime, "wall_s": wall, "killed_for": killed_for,
-            "setup_error": setup_error or None, "out": len(stdout), "err": len(stderr)}
-    write_all(status_fd, json.dumps(head).encode() + b"\n" + stdout + stderr)
+    req, _ = next_request()
+    if req is None:
+        os._exit(END_OF_REQUESTS)
+    t_load = time.monotonic()
+    try:
+        load(req)
+    except BaseException as exc:
+        report(event="setup_failed", error=repr(exc))
+        os._exit(127)
+    phases_ahead["load"] = time.monotonic() - t_load
+    while True:
+        req, data = next_request()
+        if req is None or req.get("end"):
+            break
+        sys.stdout.flush()
+        sys.stderr.flush()
+        uid = run_one(req, data)
+        wipe(uid)  # (while the host reads the report; nothing of the test is running)
+    kill_descendants()  # (the spare)
+    os._exit(END_OF_REQUESTS if req is None else 0)
 
 try:
     prctl(PR_SET_CHILD_SUBREAPER, 1)
@@ -293,8 +459,8 @@ try:
 except OSError:
     pass
 try:
-    # Trusted imports, before any program is known: a spare session is started ahead of time
-    # with them, so that loading the program later costs only its compilation.
+    # Trusted imports, before any program is known: a session is started ahead of time with them,
+    # so that loading a program later costs only its compilation.
     exec(compile(spec["preload"], "<preload>", "exec"), {})
 except BaseException as exc:
     report(event="setup_failed", error=repr(exc))
@@ -302,34 +468,48 @@ except BaseException as exc:
 report(event="started", pid=os.getpid())
 os.set_inheritable(status_fd, False)
 
-def load(req):
-    # The first request names the program: setup.py and main.py have been written by now.
-    global namespace, main_code, main_error, argv
-    argv = req["argv"]
-    namespace = {"__name__": "__main__", "__file__": spec["code_file"], "__builtins__": __builtins__}
-    with open(spec["setup_file"], encoding="utf-8") as f:
-        exec(compile(f.read(), spec["setup_file"], "exec"), namespace)
-    with open(spec["code_file"], encoding="utf-8") as f:
-        main_source = f.read()
-    try:
-        main_code, main_error = compile(main_source, spec["code_file"], "exec"), None
-    except (SyntaxError, ValueError, OverflowError, MemoryError, RecursionError) as e:
-        main_code, main_error = None, e
+def fork_response_server():
+    # Forked ahead of its response (while the previous one is served): it waits for the root's
+    # word that the previous server is gone before it reads a request. (pid, the word's pipe)
+    go_r, go_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(go_w)
+        if os.read(go_r, 1) != b"g":  # (the root ended)
+            os._exit(END_OF_REQUESTS)
+        os.close(go_r)
+        serve_one_response()
+    os.close(go_r)
+    return pid, go_w
 
-req, _ = next_request()
-if req is None:
-    os._exit(0)
-try:
-    load(req)
-except BaseException as exc:
-    report(event="setup_failed", error=repr(exc))
-    os._exit(127)
+def start_response_server(server):
+    # The response server `server` may read requests now; False: it is gone.
+    pid, go_w = server
+    try:
+        os.write(go_w, b"g")
+        return True
+    except BrokenPipeError:
+        return False
+    finally:
+        os.close(go_w)
+
+current = fork_response_server()
+start_response_server(current)
 while True:
-    req, data = next_request()
-    if req is None:
-        break
-    sys.stdout.flush()
-    sys.stderr.flush()
-    run_one(req, data)
+    following = fork_response_server()
+    _, status = os.waitpid(current[0], 0)
+    kill_descendants(keep=following[0])  # whatever the response left
+    if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
+        # The response ended: the next one gets the fresh server forked meanwhile.
+        if following[0] in reaped or not start_response_server(following):
+            reaped.pop(following[0], None)
+            following = fork_response_server()
+            start_response_server(following)
+        current = following
+        continue
+    if not (os.WIFEXITED(status) and os.WEXITSTATUS(status) == END_OF_REQUESTS):
+        # (it failed to load, or was killed: the host sees the status pipe close)
+        report(event="lost", wait_status=status)
+    break
 kill_descendants()
 """

@@ -28,6 +28,7 @@ class SandboxResult:
     cpu_s: float | None = None  # user + system CPU of the program and its waited-for children
     peak_rss_mb: float | None = None  # largest resident set of the program or a waited-for child
     cgroup: str | None = None  # "v1" / "v2": the cgroup version that capped the run; None: none did
+    phases: dict[str, float] | None = None  # a session's run: where its time went (forkserver.py)
 
     @property
     def ok(self) -> bool:

@@ -85,8 +85,10 @@ class Sandbox:
     def session(self, code: str, setup: str = "", args: Sequence[str] = ()) -> SandboxSession:
         """A sandbox that runs ``code`` (as ``main.py``, ``sys.argv[1:] == args``) once per
         :meth:`SandboxSession.run`, each run contained and classified as by :meth:`run`.
-        ``setup`` runs once, before any run, in the sandbox's fork server, *not confined*: trusted
-        code only (imports, compiling the untrusted program); its globals are the program's."""
+        ``setup`` runs once, before any run, in the program's response server, *not confined*:
+        trusted code only (imports, compiling the untrusted program); its globals are the
+        program's. :meth:`SandboxSession.unload` and :meth:`SandboxSession.load` replace the
+        program (the same sandbox then serves the next one)."""
         session = self.spare_session(args=args)
         session.load(code, setup, args)
         return session

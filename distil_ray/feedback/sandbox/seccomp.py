@@ -20,6 +20,11 @@ _DENIED_SYSCALLS = (
     "bpf", "perf_event_open", "userfaultfd", "ptrace",
     "kexec_load", "kexec_file_load", "init_module", "finit_module", "delete_module",
     "open_by_handle_at", "name_to_handle_at",
+    # System V IPC and POSIX message queues: objects that outlive the process that made them, in
+    # the sandbox's IPC namespace, which the responses a sandbox serves one after another share.
+    "shmget", "shmat", "shmctl", "semget", "semop", "semtimedop", "semctl",
+    "msgget", "msgsnd", "msgrcv", "msgctl",
+    "mq_open", "mq_unlink", "mq_timedsend", "mq_timedreceive", "mq_notify", "mq_getsetattr",
 )
 # clone() flags that create namespaces: NEWNS, NEWCGROUP, NEWUTS, NEWIPC, NEWUSER, NEWPID, NEWNET
 # and NEWTIME.
@@ -42,7 +47,10 @@ _SYSCALL_ABIS = {
         "io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427, "bpf": 321,
         "perf_event_open": 298, "userfaultfd": 323, "ptrace": 101, "kexec_load": 246,
         "kexec_file_load": 320, "init_module": 175, "finit_module": 313, "delete_module": 176,
-        "open_by_handle_at": 304, "name_to_handle_at": 303, "clone": 56, "clone3": 435}),
+        "open_by_handle_at": 304, "name_to_handle_at": 303, "clone": 56, "clone3": 435,
+        "shmget": 29, "shmat": 30, "shmctl": 31, "semget": 64, "semop": 65, "semtimedop": 220, "semctl": 66,
+        "msgget": 68, "msgsnd": 69, "msgrcv": 70, "msgctl": 71, "mq_open": 240, "mq_unlink": 241,
+        "mq_timedsend": 242, "mq_timedreceive": 243, "mq_notify": 244, "mq_getsetattr": 245}),
     "aarch64": _SyscallABI(0xC00000B7, None, {
         "unshare": 97, "setns": 268, "mount": 40, "umount2": 39, "pivot_root": 41,
         "fsopen": 430, "fsconfig": 431, "fsmount": 432, "fspick": 433, "move_mount": 429,
@@ -50,7 +58,10 @@ _SYSCALL_ABIS = {
         "io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427, "bpf": 280,
         "perf_event_open": 241, "userfaultfd": 282, "ptrace": 117, "kexec_load": 104,
         "kexec_file_load": 294, "init_module": 105, "finit_module": 273, "delete_module": 106,
-        "open_by_handle_at": 265, "name_to_handle_at": 264, "clone": 220, "clone3": 435}),
+        "open_by_handle_at": 265, "name_to_handle_at": 264, "clone": 220, "clone3": 435,
+        "shmget": 194, "shmat": 196, "shmctl": 195, "semget": 190, "semop": 193, "semtimedop": 192, "semctl": 191,
+        "msgget": 186, "msgsnd": 189, "msgrcv": 188, "msgctl": 187, "mq_open": 180, "mq_unlink": 181,
+        "mq_timedsend": 182, "mq_timedreceive": 183, "mq_notify": 184, "mq_getsetattr": 185}),
 }
 
 # Classic BPF opcodes (linux/filter.h) and seccomp return values.

@@ -1,13 +1,18 @@
-"""A sandbox kept for many runs of one program: :class:`SandboxSession`.
+"""A sandbox kept for many runs: :class:`SandboxSession`.
 
 ``Sandbox.session(code, setup=...)`` starts the sandbox once (bwrap or the fallback, cgroup,
 seccomp, as :meth:`Sandbox.run` does) with the fork server of :mod:`.forkserver` as its
 supervisor; each :meth:`SandboxSession.run` sends one input and gets back a
 :class:`~.results.SandboxResult` classified exactly as a run of its own would be. What one run
 leaves behind (processes, files in the working directories) is gone before the next starts, and
-each run has a fresh uid of its own where the sandbox switches uids (run by root). What stays
-shared is the sandbox's namespaces, its cgroup (its memory and task limits bind the session as a
-whole) and the fork server's memory, which holds only the program and the inputs sent so far.
+each run has a fresh uid of its own where the sandbox switches uids (run by root).
+
+A session outlives its program: :meth:`SandboxSession.unload` ends it (its response server
+exits, and the fork server forks a fresh one) and :meth:`SandboxSession.load` gives it the next,
+so that one sandbox serves many responses without the start-up of a new one. Nothing of one
+program reaches the next: neither a process, nor a file, nor its memory. What stays shared is the
+sandbox's namespaces (what could carry state across them, System V IPC and POSIX message queues,
+the seccomp filter refuses) and its cgroup (its memory and task limits bind one run at a time).
 
 A run whose server dies or stops answering (the program killed it, the OOM killer took it)
 leaves the session ``broken``: the caller opens a new one for the runs that are left."""
@@ -18,6 +23,7 @@ import contextlib
 import json
 import os
 import selectors
+import struct
 import subprocess
 import time
 from dataclasses import replace
@@ -53,6 +59,7 @@ class SandboxSession:
         self._diag = {1: bytearray(), 2: bytearray()}
         self.proc: subprocess.Popen | None = None
         self.loaded = False
+        self.programs = 0  # programs loaded so far
         self._pending = bytearray()  # the load request, sent with the first run's
         self._oom_base: int | None = None  # the cgroup's OOM kills before the current run
         self._owner = os.getpid()
@@ -100,17 +107,18 @@ class SandboxSession:
 
     @property
     def usable(self) -> bool:
-        """Whether a spare can still be loaded: its server has not ended, in this process."""
+        """Whether a program can be loaded: none is, and its server has not ended, in this process."""
         return (not self.broken and not self.loaded and self.proc is not None and self.proc.poll() is None
                 and os.getpid() == self._owner)
 
     def load(self, code: str, setup: str = "", args: Sequence[str] = ()) -> None:
-        """Give the session its program (once): ``code`` becomes ``main.py`` and ``setup`` runs
-        first, in the fork server (see :meth:`Sandbox.session`). A failure to load shows as the
-        first run's ``sandbox_error``."""
+        """Give the session its program: ``code`` becomes ``main.py`` and ``setup`` runs first, in
+        a response server of its own (see :meth:`Sandbox.session`). A failure to load shows as the
+        first run's ``sandbox_error``. :meth:`unload` ends it."""
         if self.loaded:
-            raise RuntimeError("this session has a program already")
+            raise RuntimeError("this session has a program already: unload() it first")
         self.loaded = True
+        self.programs += 1
         if self.proc is None or self.broken:
             return
         # The files keep their inodes (truncated and rewritten): the sandbox's read-only bind
@@ -119,7 +127,23 @@ class SandboxSession:
             with open(path, "w", encoding="utf-8") as f:
                 f.write(text)
         argv = [self._inner_code, *map(str, args)]
-        self._pending = bytearray(json.dumps({"load": True, "argv": argv, "n": 0}).encode() + b"\n")
+        self._pending = bytearray(_frame({"load": True, "argv": argv}))
+
+    def unload(self) -> None:
+        """End the current program: its response server exits (its test processes are gone
+        already) and the fork server forks a fresh one, which the next :meth:`load` gets."""
+        if not self.loaded:
+            return
+        self.loaded = False
+        if self._pending:  # (loaded, never run: its server has not seen it)
+            self._pending = bytearray()
+            return
+        if self.proc is None or self.broken:
+            return
+        try:
+            os.write(self.proc.stdin.fileno(), _frame({"end": True}))  # (the pipe is empty between runs)
+        except OSError:
+            self.broken = True
 
     def _shutdown(self) -> None:
         try:
@@ -148,9 +172,8 @@ class SandboxSession:
         if not self.loaded:
             raise RuntimeError("load() the program first")
         data = stdin.encode("utf-8") if isinstance(stdin, str) else bytes(stdin)
-        head = {"n": len(data), "timeout_s": limits.timeout_s, "cap": limits.max_output_bytes,
-                "rlimits": limits.rlimits()}
-        request = memoryview(bytes(self._pending) + json.dumps(head).encode() + b"\n" + data)
+        head = {"timeout_s": limits.timeout_s, "cap": limits.max_output_bytes, "rlimits": limits.rlimits()}
+        request = memoryview(bytes(self._pending) + _frame(head, data))
         self._pending = bytearray()
         base = self._memory_baseline()
         t0 = time.monotonic()
@@ -188,6 +211,7 @@ class SandboxSession:
         res.cgroup = self.cgroup.version if self.cgroup is not None else None
         res.cpu_s = float(head["cpu_s"])
         res.peak_rss_mb = float(head["maxrss_kb"]) / 1024.0
+        res.phases = {**head.get("phases", {}), "round_trip": time.monotonic() - t0}
         if head.get("setup_error"):
             res.status = "sandbox_error"
             res.stderr = (res.stderr + "\n" if res.stderr else "") + \
@@ -305,3 +329,10 @@ class SandboxSession:
         now = self.cgroup.stats()
         return _CgroupStats(now.limit_bytes, now.peak_bytes, now.limit_hits - base.limit_hits,
                             now.oom_kills - base.oom_kills)
+
+
+def _frame(head: dict, data: bytes = b"") -> bytes:
+    """One request as the fork server reads it: the lengths of the JSON header and of the data
+    (little-endian u32 each), then both."""
+    encoded = json.dumps(head).encode()
+    return struct.pack("<II", len(encoded), len(data)) + encoded + data

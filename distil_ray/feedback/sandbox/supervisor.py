@@ -69,22 +69,31 @@ def children(me):
                 pass
         return found
 
-def kill_descendants():
+reaped = {}  # pid -> wait status of the children kill_descendants reaped
+
+def kill_descendants(keep=None):
     # Every orphan of the program, even one that called setsid() or double-forked, is
     # re-parented to this process (a child subreaper), so killing its children until none is
     # left kills everything the program started. A child's pid cannot be reused before it is
-    # reaped here, so signalling by pid is safe.
+    # reaped here, so signalling by pid is safe. `keep`: a child spared (the fork server's next
+    # test process), reaped only if it died.
     me, deadline = os.getpid(), time.monotonic() + 5
     while time.monotonic() < deadline:
-        for pid in children(me):
+        others = [pid for pid in children(me) if pid != keep]
+        for pid in others:
             try:
                 os.kill(pid, signal.SIGKILL)
             except OSError:
                 pass
         try:
-            while os.waitpid(-1, os.WNOHANG)[0]:
-                pass
+            while True:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+                if not pid:
+                    break
+                reaped[pid] = status
         except ChildProcessError:
+            return
+        if not others:
             return
         time.sleep(0.002)
 
