@@ -211,7 +211,8 @@ def session_phases(name: str, reps: int = 5) -> dict[str, float]:
     finally:
         harness.result_of_run = _result_of_run
     phases = [p for p in samples.get("_", []) if p]
-    return {k: statistics.median(p[k] for p in phases) for k in phases[0]} if phases else {}
+    keys = dict.fromkeys(k for p in phases for k in p)
+    return {k: statistics.median(p[k] for p in phases if k in p) for k in keys}
 
 
 WORKLOADS = workloads()
@@ -225,6 +226,7 @@ PHASES = {  # the fork server's phases of one test (forkserver.py), and the host
     "run": "the program runs and exits",
     "collect": "output drained, leftovers checked, report written",
     "round_trip": "host: request sent to report parsed",
+    "load": "once per response: setup (prelude, compile), confinement",
 }
 
 

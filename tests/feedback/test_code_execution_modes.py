@@ -273,6 +273,27 @@ def test_nothing_of_one_response_reaches_the_next():
     assert sandbox.programs == 2
 
 
+def test_a_forked_copy_of_the_grader_leaves_its_sandboxes_alone():
+    # A library that forks the grading process (multiprocessing, as LiveCodeBench's harness does)
+    # gives the child copies of the idle sandboxes; dropping them there must not end them.
+    import gc
+    import os
+
+    code_harness.close_idle_sandboxes()
+    limits = limits_for("per_response")
+    assert check_program(SUM, SUM_TESTS, limits=limits).statuses == ["passed"] * 3
+    [sandbox] = [s for pool in code_harness._idle.values() for s in pool]
+    pid = os.fork()
+    if pid == 0:  # (the fork cleared the child's pool: its copies are garbage once this one goes)
+        del sandbox
+        gc.collect()
+        os._exit(0)
+    os.waitpid(pid, 0)
+    assert check_program(SUM, SUM_TESTS, limits=limits).statuses == ["passed"] * 3
+    assert [s for pool in code_harness._idle.values() for s in pool] == [sandbox]
+    assert sandbox.programs == 2
+
+
 def test_execution_settings_are_checked():
     with pytest.raises(ValueError, match="^execution='threads'"):
         ExecutionLimits(execution="threads")

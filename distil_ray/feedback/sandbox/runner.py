@@ -197,6 +197,7 @@ class Sandbox:
         run_dir = tempfile.mkdtemp(prefix=f"{RUN_DIR_PREFIX}{owner_tag()}-", dir=self.settings.tmp_root)
         run_id = secrets.token_hex(8)
         cgroup = pipes = None
+        owner = os.getpid()
         try:
             cgroup, cgroup_warning = self._make_cgroup(run_id)
             abi, seccomp = _seccomp_for_host()
@@ -255,10 +256,13 @@ class Sandbox:
         finally:
             if pipes is not None:
                 pipes.close()
-            if cgroup is not None:
-                cgroup.kill()  # (a no-op after a normal run; here for an exception on the way)
-                cgroup.remove()
-            _rmtree(run_dir)
+            # A forked copy of this process that drops its copy of a session (its garbage
+            # collector closes this generator) must leave the session to its owner.
+            if os.getpid() == owner:
+                if cgroup is not None:
+                    cgroup.kill()  # (a no-op after a normal run; here for an exception on the way)
+                    cgroup.remove()
+                _rmtree(run_dir)
 
     def _bwrap_argv(self, interp: _Interpreter, code_path: str, env: dict[str, str], info_fd: int, *,
                     root: bool, session: bool = False) -> list[str]:
