@@ -237,6 +237,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=6, help="responses per batch with several workers")
     ap.add_argument("--quick", action="store_true", help="3 reps, batches of 4")
     ap.add_argument("--lcb", metavar="DIR", help="a LiveCodeBench checkout: time its harness too")
+    ap.add_argument("--only", nargs="+", metavar="TEXT", help="only the workloads whose names contain one of these")
     args = ap.parse_args()
     if args.quick:
         args.reps, args.batch = 3, 4
@@ -246,6 +247,8 @@ def main() -> None:
         graders = ("livecodebench",) + GRADERS
     rows = []  # (workload, workers, grader, s/response, tests/s, x reference, x LCB)
     for name in WORKLOADS:
+        if args.only and not any(t in name for t in args.only):
+            continue
         n_tests = len(WORKLOADS[name][1])
         expected = grade("reference", name)
 
@@ -295,6 +298,8 @@ def main() -> None:
             per_test = (med[(fifty, g)] - med[(one, g)]) / 49
             fixed = med[(one, g)] - per_test
             print(f"  {g:>30}: {1000 * fixed:7.1f} ms fixed + {1000 * per_test:6.2f} ms per test")
+    if fifty not in WORKLOADS or (args.only and not any(t in fifty for t in args.only)):
+        return
     print(f"\nper_response, where a test's time goes ({fifty}; medians; 'fork' is off the critical path)")
     for key, ms in session_phases(fifty, args.reps).items():
         print(f"  {key:>10}: {1000 * ms:6.3f} ms  {PHASES.get(key, '')}")

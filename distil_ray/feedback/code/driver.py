@@ -37,10 +37,10 @@ PRELUDE = (
     + "sys.setrecursionlimit(50000)\n"
 )
 
-# What a session's fork server imports before it knows the program (a spare sandbox, started
-# ahead of time): the prelude and the driver's own modules, so that loading costs a compile only.
-PRELOAD = "import io, json, linecache, traceback, " + ", ".join(
-    m for m in _PRELUDE_MODULES if m != "builtins") + "\n"
+# What a session's fork server runs before it knows any program: the driver's own imports and the
+# prelude, into a namespace that each program's setup copies (``_PRELOADED["_PRELUDE_NS"]``), so
+# that loading a program costs its compilation only.
+PRELOAD = "import io, json, linecache, traceback\n_PRELUDE_NS = {}\nexec(" + repr(PRELUDE) + ", _PRELUDE_NS)\n"
 
 COMPILE_ERROR_EXIT = 3
 SOLUTION_FILE = "solution.py"
@@ -68,7 +68,10 @@ except (SyntaxError, ValueError, OverflowError, MemoryError, RecursionError) as 
     _code, _compile_error = None, _e
 
 _ns = {"__name__": "__main__" if _MODE == "stdin" else "solution", "__file__": _FILE}
-exec(_PRELUDE, _ns)
+if "_PRELOADED" in globals():  # (a session: the fork server ran the prelude already)
+    _ns = {**_PRELOADED["_PRELUDE_NS"], **_ns}
+else:
+    exec(_PRELUDE, _ns)
 '''
 
 # One test: runs the solution (in the test's own process).

@@ -398,14 +398,12 @@ def run_one(req, data):
 
 def load(req):
     # The first request names the program: setup.py and main.py have been written by now. The
-    # program's __main__ module, sys.argv and the confinement every test shares (the seccomp
-    # filter, a fresh session keyring: a fork inherits both) are set up here, once, so that a
-    # test's process touches as little of this one's memory as it can (each page it writes is
-    # copied).
+    # program's __main__ module and sys.argv are set up here, once, so that a test's process
+    # touches as little of this one's memory as it can (each page it writes is copied).
     global main_globals, main_code, main_error
     main = types.ModuleType("__main__")
     main_globals = main.__dict__
-    main_globals.update(__file__=spec["code_file"], __builtins__=__builtins__)
+    main_globals.update(__file__=spec["code_file"], __builtins__=__builtins__, _PRELOADED=preloaded)
     with open(spec["setup_file"], encoding="utf-8") as f:
         exec(compile(f.read(), spec["setup_file"], "exec"), main_globals)
     with open(spec["code_file"], encoding="utf-8") as f:
@@ -416,13 +414,14 @@ def load(req):
         main_code, main_error = None, e
     sys.argv = list(req["argv"])
     sys.modules["__main__"] = main
-    confine()
 
 spare = None  # the next test's process (a Spare), forked ahead
 phases_ahead = {}  # (the load's time, reported with the first test)
 
-def serve_one_response():
-    # The response server (a fresh fork of the root): load, the tests, exit.
+def serve_one_response(handover_w):
+    # The response server (a fresh fork of the root): load, the tests, exit. At the response's
+    # end it kills the next test's process it had ready and tells the root at once that it reads
+    # no more requests (the next response's server may start while this one exits).
     global spare
     try:
         prctl(PR_SET_CHILD_SUBREAPER, 1)
@@ -446,8 +445,16 @@ def serve_one_response():
         sys.stderr.flush()
         uid = run_one(req, data)
         wipe(uid)  # (while the host reads the report; nothing of the test is running)
-    kill_descendants()  # (the spare)
-    os._exit(END_OF_REQUESTS if req is None else 0)
+    if req is None:
+        kill_descendants()  # (the spare)
+        os._exit(END_OF_REQUESTS)
+    if spare is not None:
+        try:
+            signal.pidfd_send_signal(spare.pidfd, signal.SIGKILL)  # (reaped by the root)
+        except OSError:
+            pass
+    os.write(handover_w, b"d")
+    os._exit(0)
 
 try:
     prctl(PR_SET_CHILD_SUBREAPER, 1)
@@ -458,10 +465,14 @@ try:
     prctl(PR_SET_DUMPABLE, 0)
 except OSError:
     pass
+preloaded = {}  # (each program's setup sees it as _PRELOADED)
 try:
     # Trusted imports, before any program is known: a session is started ahead of time with them,
-    # so that loading a program later costs only its compilation.
-    exec(compile(spec["preload"], "<preload>", "exec"), {})
+    # so that loading a program later costs only its compilation. Then the confinement every
+    # process from here on shares (the seccomp filter, a fresh session keyring: a fork inherits
+    # both), set up once.
+    exec(compile(spec["preload"], "<preload>", "exec"), preloaded)
+    confine()
 except BaseException as exc:
     report(event="setup_failed", error=repr(exc))
     os._exit(127)
@@ -470,41 +481,48 @@ os.set_inheritable(status_fd, False)
 
 def fork_response_server():
     # Forked ahead of its response (while the previous one is served): it waits for the root's
-    # word that the previous server is gone before it reads a request. (pid, the word's pipe)
+    # word that the previous server reads no more requests before it reads one. (pid, the
+    # word's pipe, the pipe on which it says it is done)
     go_r, go_w = os.pipe()
+    done_r, done_w = os.pipe()
     pid = os.fork()
     if pid == 0:
         os.close(go_w)
+        os.close(done_r)
         if os.read(go_r, 1) != b"g":  # (the root ended)
             os._exit(END_OF_REQUESTS)
         os.close(go_r)
-        serve_one_response()
+        serve_one_response(done_w)
     os.close(go_r)
-    return pid, go_w
+    os.close(done_w)
+    return pid, go_w, done_r
 
 def start_response_server(server):
     # The response server `server` may read requests now; False: it is gone.
-    pid, go_w = server
     try:
-        os.write(go_w, b"g")
+        os.write(server[1], b"g")
         return True
     except BrokenPipeError:
         return False
     finally:
-        os.close(go_w)
+        os.close(server[1])
 
 current = fork_response_server()
 start_response_server(current)
 while True:
     following = fork_response_server()
+    handed_over = os.read(current[2], 1) == b"d"  # (else it ended without a word)
+    os.close(current[2])
+    if handed_over and not start_response_server(following):  # (the next response's server)
+        following = fork_response_server()
+        start_response_server(following)
     _, status = os.waitpid(current[0], 0)
-    kill_descendants(keep=following[0])  # whatever the response left
-    if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
-        # The response ended: the next one gets the fresh server forked meanwhile.
-        if following[0] in reaped or not start_response_server(following):
-            reaped.pop(following[0], None)
-            following = fork_response_server()
-            start_response_server(following)
+    kill_descendants(keep=following[0])  # whatever the response left (its killed spare)
+    if handed_over and following[0] in reaped:  # (it died: start one more)
+        reaped.pop(following[0])
+        following = fork_response_server()
+        start_response_server(following)
+    if handed_over:
         current = following
         continue
     if not (os.WIFEXITED(status) and os.WEXITSTATUS(status) == END_OF_REQUESTS):

@@ -77,7 +77,7 @@ def kill_descendants(keep=None):
     # left kills everything the program started. A child's pid cannot be reused before it is
     # reaped here, so signalling by pid is safe. `keep`: a child spared (the fork server's next
     # test process), reaped only if it died.
-    me, deadline = os.getpid(), time.monotonic() + 5
+    me, deadline, pause = os.getpid(), time.monotonic() + 5, 0.0001
     while time.monotonic() < deadline:
         others = [pid for pid in children(me) if pid != keep]
         for pid in others:
@@ -95,7 +95,8 @@ def kill_descendants(keep=None):
             return
         if not others:
             return
-        time.sleep(0.002)
+        time.sleep(pause)  # (a killed process is gone a moment later)
+        pause = min(2 * pause, 0.002)
 
 def on_sigterm(signum, frame):  # the host's request to end the run (fallback without a cgroup)
     kill_descendants()
