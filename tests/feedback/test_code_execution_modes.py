@@ -60,6 +60,23 @@ print(len(pids), sorted(os.listdir(".")), sorted(os.listdir("/tmp")))
 """
 LEFTOVER_TESTS = [{"input": f"{i}\n", "output": "0 [] []\n"} for i in (1, 2, 3)]
 
+# Test 1 leaves a tree of directories deeper than a path may be long (4096 bytes), unreadable, in
+# /tmp and in its working directory; the later tests see neither.
+DEEP_TREES = """
+import os
+if input() == "1":
+    for top in (".", "/tmp"):
+        os.chdir(top)
+        for _ in range(20):
+            os.mkdir("d" * 250)
+            os.chdir("d" * 250)
+        open("leaf", "w").write("x")
+        os.chmod(".", 0)
+        os.chdir("/work" if top == "." else "/tmp")
+print(os.listdir("."), os.listdir("/tmp"))
+"""
+DEEP_TESTS = [{"input": f"{i}\n", "output": "[] []\n"} for i in (1, 2, 3)]
+
 FUNCTIONAL = "class Solution:\n    def add(self, a, b):\n        return a + b if a != 2 else -1\n"
 FUNCTIONAL_TESTS = [{"input": "1\n2", "output": "3"}, {"input": "2\n2", "output": "4"}]
 
@@ -76,6 +93,7 @@ WORKLOADS = {
                      ["output_limit"]),
     "fork bomb": (FORK_BOMB, SUM_TESTS[:1], {"timeout_s": 1.0}, ["timeout"]),
     "leftover processes and files": (LEFTOVERS, LEFTOVER_TESTS, {}, ["wrong_answer", "passed", "passed"]),
+    "leftover deep trees": (DEEP_TREES, DEEP_TESTS, {}, ["wrong_answer", "passed", "passed"]),
     "functional": (FUNCTIONAL, FUNCTIONAL_TESTS, {}, ["passed", "wrong_answer"]),
 }
 
@@ -271,6 +289,18 @@ def test_nothing_of_one_response_reaches_the_next():
     assert second.statuses == ["passed"], second.feedback
     assert [s for pool in code_harness._idle.values() for s in pool] == [sandbox]
     assert sandbox.programs == 2
+
+
+@needs_bwrap
+def test_the_wipe_reaches_trees_deeper_than_a_path(monkeypatch):
+    # (What the wipe cannot remove ends the sandbox: the next test would get a new one. Here
+    # the wipe removes it all: one sandbox serves the three tests.)
+    taken = []
+    take = code_harness._take_session
+    monkeypatch.setattr(code_harness, "_take_session", lambda *a: taken.append(1) or take(*a))
+    v = check_program(DEEP_TREES, DEEP_TESTS, limits=limits_for("per_response"))
+    assert v.statuses == ["wrong_answer", "passed", "passed"], v.feedback
+    assert len(taken) == 1
 
 
 def test_a_forked_copy_of_the_grader_leaves_its_sandboxes_alone():

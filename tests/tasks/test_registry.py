@@ -107,7 +107,8 @@ def test_livecodebench_limits_go_through_the_sandbox_records():
     assert limits.settings.isolation == "rlimits"
     sandbox = limits.sandbox_for("expected", 2.5)
     assert (sandbox.limits.timeout_s, sandbox.limits.max_output_bytes, sandbox.limits.memory_mb) == (2.5, 1024, 512)
-    # without a fixed cap: twice the expected output, at least 1 MiB
+    # without a fixed cap: twice the expected output, at least 1 MiB, rounded up to a power of two
     default = LiveCodeBenchConfig().execution_limits()
-    assert default.sandbox_for("x" * (1 << 20), 6.0).limits.max_output_bytes == 2 * (1 << 20) + (1 << 16)
+    assert default.sandbox_for("x" * (1 << 20), 6.0).limits.max_output_bytes == 4 << 20
+    assert default.sandbox_for("x" * 500_000, 6.0).limits.max_output_bytes == 2 << 20
     assert default.sandbox_for("x", 6.0).limits.max_output_bytes == 1 << 20

@@ -82,7 +82,9 @@ class ExecutionLimits:
             raise ValueError(f"max_output_bytes={self.max_output_bytes!r}: must be positive (or None)")
 
     def output_cap(self, expected_output: str) -> int:
-        return self.max_output_bytes or max(1 << 20, 2 * len(expected_output.encode()) + (1 << 16))
+        # (a power of two: the sandbox learns at most the expected output's order of magnitude)
+        need = max(1 << 20, 2 * len(expected_output.encode()) + (1 << 16))
+        return self.max_output_bytes or 1 << (need - 1).bit_length()
 
     def sandbox_for(self, expected_output: str, timeout_s: float) -> Sandbox:
         cap = self.output_cap(expected_output)
@@ -214,7 +216,7 @@ def _take_session(sandbox: Sandbox, warm: bool) -> SandboxSession:
 def _give_back(session: SandboxSession, sandbox: Sandbox, warm: bool) -> None:
     """The response is done with ``session``: with ``warm`` its program is unloaded and it waits
     for the next response; else it is closed."""
-    if warm and not session.broken:
+    if warm and session.reusable and not session.broken:
         session.unload()
         if session.usable:
             with _idle_lock:

@@ -50,6 +50,7 @@ PR_SET_DUMPABLE = 4
 END_OF_REQUESTS = 3  # a response server's exit code when the host closed the request pipe
 uid_switch = spec["switch_uid"]
 work, clean_dirs = spec["work"], spec["clean"]
+clean_modes = {d: os.stat(d).st_mode & 0o7777 for d in clean_dirs}
 
 def read_exactly(n):
     buf = bytearray()
@@ -200,10 +201,8 @@ def child(in_fd, out_w, err_w, go_r, ready_w, uid):
                 os.close(fd)
         except OSError:
             pass
-        if uid is not None:
-            os.setgroups([])
-            os.setgid(uid)
-            os.setuid(uid)  # from root to a non-zero uid: all capabilities are dropped
+        if not spec["seccomp"]:  # (nothing refuses keyctl: a keyring of its own, not the server's)
+            join_fresh_keyring()
     except BaseException as exc:
         try:
             os.write(ready_w, repr(exc).encode()[:2000])
@@ -221,6 +220,10 @@ def child(in_fd, out_w, err_w, go_r, ready_w, uid):
     try:
         for name, (soft, hard) in json.loads(request).items():
             resource.setrlimit(getattr(resource, name), (soft, hard))
+        if uid is not None:  # (after the rlimits: root may raise a hard limit, the fresh uid not)
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)  # from root to a non-zero uid: all capabilities are dropped
         os.chdir(work)  # (its own now)
         os.write(ready_w, b"ok" + repr(time.monotonic()).encode())
         os.close(go_r)
@@ -249,36 +252,53 @@ def child(in_fd, out_w, err_w, go_r, ready_w, uid):
         code = 1
     os._exit(finish(code))
 
-def remove_tree_contents(path):
-    try:
-        entries = list(os.scandir(path))
-    except OSError:
-        return
-    for entry in entries:
+def remove_tree_contents(dir_fd):
+    # Everything under the directory open as `dir_fd`, through directory descriptors (no path
+    # gets too long, however deep the tree), depth first without recursion.
+    stack = [(dir_fd, None)]
+    while stack:
+        fd, name_in_parent = stack[-1]
         try:
-            if entry.is_dir(follow_symlinks=False):
-                os.chmod(entry.path, 0o700)  # (the test may have made it unreadable)
-                remove_tree_contents(entry.path)
-                os.rmdir(entry.path)
-            else:
-                os.unlink(entry.path)
+            entries = list(os.scandir(fd))
         except OSError:
-            pass
+            entries = []
+        sub = None
+        for entry in entries:
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    os.chmod(entry.name, 0o700, dir_fd=fd)  # (the test may have made it unreadable)
+                    sub = os.open(entry.name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+                    stack.append((sub, entry.name))
+                    break
+                os.unlink(entry.name, dir_fd=fd)
+            except OSError:
+                pass
+        if sub is not None:
+            continue
+        stack.pop()  # (emptied, as far as it can be)
+        if name_in_parent is not None:
+            os.close(fd)
+            try:
+                os.rmdir(name_in_parent, dir_fd=stack[-1][0])
+            except OSError:
+                pass
+
+def is_empty(d):
+    try:
+        with os.scandir(d) as it:
+            return not any(True for _ in it)
+    except OSError:  # (unreadable: it may hold anything)
+        return False
 
 def wipe(uid):
     # The next test starts with empty working directories. Only the test's uid owns what it left
     # (the server, root without CAP_DAC_OVERRIDE inside bwrap, may not remove it): a short-lived
-    # child of that uid removes it, and only when there is something to remove.
-    dirty = []
-    for d in clean_dirs:
-        try:
-            with os.scandir(d) as it:
-                if any(True for _ in it):
-                    dirty.append(d)
-        except OSError:
-            pass
+    # child of that uid removes it, and only when there is something to remove. Where the
+    # directories themselves are the test's (no uid switch) their modes are restored first.
+    # False: something is left (the sandbox must not serve another response).
+    dirty = [d for d in clean_dirs if not is_empty(d)]
     if not dirty:
-        return
+        return True
     pid = os.fork()
     if pid == 0:
         try:
@@ -287,10 +307,20 @@ def wipe(uid):
                 os.setgid(uid)
                 os.setuid(uid)
             for d in dirty:
-                remove_tree_contents(d)
+                try:
+                    os.chmod(d, clean_modes[d])
+                except OSError:
+                    pass
+                try:
+                    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+                except OSError:
+                    continue
+                remove_tree_contents(fd)
+                os.close(fd)
         finally:
             os._exit(0)
     os.waitpid(pid, 0)
+    return all(is_empty(d) for d in dirty)
 
 def run_one(req, data):
     global spare
@@ -386,7 +416,8 @@ def run_one(req, data):
     else:
         setup_error, t_start = ready.decode(errors="replace") or "the test's process ended before its program", t0
     stdout, stderr = (bytes(buf[: cap + 1]) for buf in out.values())
-    head = {"event": "test", "wait_status": wait_status, "maxrss_kb": usage.ru_maxrss,
+    clean = wipe(s.uid)  # (a few directory reads; a process to remove files only when there are some)
+    head = {"event": "test", "unclean": not clean, "wait_status": wait_status, "maxrss_kb": usage.ru_maxrss,
             "cpu_s": usage.ru_utime + usage.ru_stime, "wall_s": t_exit - t0, "killed_for": killed_for,
             "setup_error": setup_error, "out": len(stdout), "err": len(stderr),
             # where the test's time went, from the request's arrival (for the grading benchmark)
@@ -394,7 +425,7 @@ def run_one(req, data):
                        "collect": time.monotonic() - t_exit, "fork": s.fork_s, **phases_ahead}}
     phases_ahead.clear()
     write_all(status_fd, json.dumps(head).encode() + b"\n" + stdout + stderr)
-    return s.uid
+    return clean
 
 def load(req):
     # The first request names the program: setup.py and main.py have been written by now. The
@@ -423,6 +454,7 @@ def serve_one_response(handover_w):
     # end it kills the next test's process it had ready and tells the root at once that it reads
     # no more requests (the next response's server may start while this one exits).
     global spare
+    reaped.clear()  # (the root's)
     try:
         prctl(PR_SET_CHILD_SUBREAPER, 1)
     except OSError:
@@ -443,8 +475,15 @@ def serve_one_response(handover_w):
             break
         sys.stdout.flush()
         sys.stderr.flush()
-        uid = run_one(req, data)
-        wipe(uid)  # (while the host reads the report; nothing of the test is running)
+        try:
+            clean = run_one(req, data)
+        except Exception as exc:  # (a fork failed, say): the test is the sandbox's failure, not the program's
+            report(event="test", unclean=True, setup_error=f"the sandbox's server failed: {exc!r}", wait_status=0,
+                   maxrss_kb=0, cpu_s=0.0, wall_s=0.0, killed_for=None, out=0, err=0)
+            clean = False
+        if not clean:  # (files it could not remove: no further test or response runs here)
+            kill_descendants()
+            os._exit(127)
     if req is None:
         kill_descendants()  # (the spare)
         os._exit(END_OF_REQUESTS)
@@ -507,21 +546,32 @@ def start_response_server(server):
     finally:
         os.close(server[1])
 
-current = fork_response_server()
+def fork_retrying():
+    # (A test of the current response may hold every task the cgroup allows for a moment.)
+    for attempt in range(100):
+        try:
+            return fork_response_server()
+        except OSError:
+            time.sleep(0.05)
+    return fork_response_server()
+
+current = fork_retrying()
 start_response_server(current)
 while True:
-    following = fork_response_server()
+    following = fork_retrying()
     handed_over = os.read(current[2], 1) == b"d"  # (else it ended without a word)
     os.close(current[2])
-    if handed_over and not start_response_server(following):  # (the next response's server)
-        following = fork_response_server()
-        start_response_server(following)
+    if handed_over and not start_response_server(following):
+        # (it died before it was told to start: it read nothing; one more)
+        os.close(following[2])
+        following = fork_retrying()
+        handed_over = start_response_server(following)
     _, status = os.waitpid(current[0], 0)
+    reaped.clear()
     kill_descendants(keep=following[0])  # whatever the response left (its killed spare)
-    if handed_over and following[0] in reaped:  # (it died: start one more)
-        reaped.pop(following[0])
-        following = fork_response_server()
-        start_response_server(following)
+    if handed_over and following[0] in reaped:
+        handed_over = False  # (it died after it started: it may have read requests)
+        status = reaped[following[0]]
     if handed_over:
         current = following
         continue

@@ -60,6 +60,9 @@ class SandboxSession:
         self.proc: subprocess.Popen | None = None
         self.loaded = False
         self.programs = 0  # programs loaded so far
+        # Programs one after another only where each test runs as a uid of its own (run by root):
+        # elsewhere a program shares its uid with the servers and could disturb the next one's.
+        self.reusable = run_as is not None
         self._pending = bytearray()  # the load request, sent with the first run's
         self._oom_base: int | None = None  # the cgroup's OOM kills before the current run
         self._owner = os.getpid()
@@ -134,6 +137,7 @@ class SandboxSession:
         already) and the fork server forks a fresh one, which the next :meth:`load` gets."""
         if not self.loaded:
             return
+        self._check_owner()
         self.loaded = False
         if self._pending:  # (loaded, never run: its server has not seen it)
             self._pending = bytearray()
@@ -158,10 +162,23 @@ class SandboxSession:
 
     # -- one run --------------------------------------------------------------------------------
 
+    def _check_owner(self) -> None:
+        if os.getpid() != self._owner:
+            raise RuntimeError("a sandbox session belongs to the process that started it, not to a fork of it")
+
     def run(self, stdin: str | bytes = "", *, timeout_s: float | None = None,
             max_output_bytes: int | None = None) -> SandboxResult:
         """Run the program once on ``stdin``, under the session's limits (``timeout_s`` and
         ``max_output_bytes`` replace theirs for this run)."""
+        self._check_owner()
+        try:
+            res = self._run(stdin, timeout_s, max_output_bytes)
+        except BaseException:
+            self.broken = True  # (a frame half sent, or a report half read: the pipes are out of step)
+            raise
+        return res
+
+    def _run(self, stdin: str | bytes, timeout_s: float | None, max_output_bytes: int | None) -> SandboxResult:
         limits = self.limits
         if timeout_s is not None or max_output_bytes is not None:
             limits = replace(limits, timeout_s=timeout_s if timeout_s is not None else limits.timeout_s,
@@ -212,7 +229,10 @@ class SandboxSession:
         res.cpu_s = float(head["cpu_s"])
         res.peak_rss_mb = float(head["maxrss_kb"]) / 1024.0
         res.phases = {**head.get("phases", {}), "round_trip": time.monotonic() - t0}
+        if head.get("unclean"):  # (the server could not wipe what the program left: it ends)
+            self.broken = True
         if head.get("setup_error"):
+            self.broken = True  # (whatever failed may fail the next run too: a new sandbox for it)
             res.status = "sandbox_error"
             res.stderr = (res.stderr + "\n" if res.stderr else "") + \
                 f"[sandbox] could not start the program: {head['setup_error']}"

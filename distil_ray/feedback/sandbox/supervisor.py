@@ -38,16 +38,19 @@ def prctl(option, arg2, arg3=ulong(0)):
 class SockFprog(ctypes.Structure):  # struct sock_fprog
     _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_char_p)]
 
-def confine():
+def join_fresh_keyring():
     # A new, empty session keyring: the caller's one (root's links root's user keyring) would
     # otherwise be inherited. ENOSYS: a kernel without keys; EPERM: an outer seccomp policy (a
-    # container's) already refuses keyctl, and it binds the program as well.
+    # container's, or ours) already refuses keyctl, and it binds the program as well.
     if spec["keyctl_nr"] is not None:
         if libc.syscall(ctypes.c_long(spec["keyctl_nr"]), ctypes.c_long(KEYCTL_JOIN_SESSION_KEYRING),
                         ctypes.c_long(0)) < 0:
             err = ctypes.get_errno()
             if err not in (errno.ENOSYS, errno.EPERM):
                 raise OSError(err, f"KEYCTL_JOIN_SESSION_KEYRING: {os.strerror(err)}")
+
+def confine():
+    join_fresh_keyring()
     if spec["seccomp"]:
         code = bytes.fromhex(spec["seccomp"])
         prog = SockFprog(len(code) // 8, code)  # 8 bytes per struct sock_filter
