@@ -30,14 +30,16 @@ waits for the response's first request. Three processes deep, then:
 
 The response server waits (pidfd) until the test process exits, its wall time runs out or an
 output goes past its cap; then it kills the process, its process group and every other
-descendant (orphans come to the subreaper, ``setsid()`` or not), reports on the status pipe (a
-JSON line: wait status, rusage, why it killed, where the time went; then the captured stdout and
-stderr) and wipes the working directories (``/work``, ``/tmp``, ``/dev/shm``) as that uid. The
-next test therefore finds nothing of the previous one: no process, no file, not even its uid; and
-the next response finds nothing of this one either, not even its program in memory (its server
-is a fresh fork of the root, which never held a program). What the namespaces could carry from
-one process to another beyond that (System V IPC, POSIX message queues) the seccomp filter
-refuses.
+descendant (orphans come to the subreaper, ``setsid()`` or not), wipes the working directories
+(``/work``, ``/tmp``, ``/dev/shm``) as that uid and reports on the status pipe (a JSON line: wait
+status, rusage, why it killed, where the time went, whether anything is left; then the captured
+stdout and stderr). The next test therefore finds nothing of the previous one: no process, no
+file, not even its uid; and the next response finds nothing of this one either, not even its
+program in memory (its server is a fresh fork of the root, which never held a program). What the
+wipe cannot remove ends the sandbox (the host starts another). What the namespaces could carry
+from one process to another beyond that (System V IPC, POSIX message queues) the seccomp filter
+refuses. The host gives a sandbox a next program only where each test runs as a uid of its own
+(run by root): elsewhere the program shares its uid with the servers.
 
 Nothing the host compares against (expected outputs) is ever sent here."""
 
