@@ -6,6 +6,7 @@ swallowing its time-out) graded as failures in both modes."""
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import pytest
 
@@ -18,6 +19,8 @@ pytestmark = pytest.mark.timeout(120)
 
 BWRAP_OK, BWRAP_WHY = bwrap_status()
 needs_bwrap = pytest.mark.skipif(not BWRAP_OK, reason=f"bubblewrap sandbox unavailable: {BWRAP_WHY}")
+# A sandbox serves several responses only where each test runs as a fresh uid (run by root).
+needs_reuse = pytest.mark.skipif(os.geteuid() != 0, reason="sandboxes are reused across responses only when run by root")
 MODES = ("per_response", "per_test")
 LIMITS = ExecutionLimits(timeout_s=5.0, sandbox=SandboxLimits(memory_mb=512))
 
@@ -277,6 +280,7 @@ print(len(others), os.listdir("."), os.listdir("/tmp"), os.listdir("/dev/shm"), 
 
 
 @needs_bwrap
+@needs_reuse
 def test_nothing_of_one_response_reaches_the_next():
     # Both responses are served by the same sandbox (the one the first gave back), each by a
     # response server of its own.
@@ -303,11 +307,11 @@ def test_the_wipe_reaches_trees_deeper_than_a_path(monkeypatch):
     assert len(taken) == 1
 
 
+@needs_reuse
 def test_a_forked_copy_of_the_grader_leaves_its_sandboxes_alone():
     # A library that forks the grading process (multiprocessing, as LiveCodeBench's harness does)
     # gives the child copies of the idle sandboxes; dropping them there must not end them.
     import gc
-    import os
 
     code_harness.close_idle_sandboxes()
     limits = limits_for("per_response")
