@@ -12,7 +12,7 @@ import ray
 from distil_ray.config import compose_config
 from distil_ray.trainer import Trainer
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+pytestmark = pytest.mark.timeout(600)
 
 # a random tiny model (no warm start): the checks are about the mechanics, not learning
 SMALL = [
@@ -87,6 +87,7 @@ def test_steps_sync_versions_and_accounting(ray_cluster, tmp_path, sync):
     assert (tmp_path / "checkpoints" / "latest").read_text() == "step_000003"
 
 
+@pytest.mark.slow
 def test_collective_sync_sends_the_learners_average_to_an_ema_teacher(ray_cluster, tmp_path):
     """teacher.update=ema: the learner ranks keep the average and broadcast it on a channel of its
     own; the teacher scores with exactly those weights, which lag the policy's."""
@@ -117,6 +118,7 @@ def test_collective_sync_sends_the_learners_average_to_an_ema_teacher(ray_cluste
         trainer.shutdown()
 
 
+@pytest.mark.slow
 def test_resume_continues_the_same_run(ray_cluster, tmp_path):
     """2 steps, stop, resume to 3 == 3 steps straight: same weights (data order, optimizer state,
     sampling seeds and RNG all come back). HF engines: exact sampling on any machine, faster start."""
@@ -143,6 +145,7 @@ def test_resume_continues_the_same_run(ray_cluster, tmp_path):
     np.testing.assert_allclose(resumed, straight, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_grpo_runs_without_a_teacher(ray_cluster, tmp_path):
     # two optimizer steps per generation batch, one per prompt group (SDPO's mini-batch updates)
     cfg = compose_config(SMALL + ["algorithm=grpo", "rollout.engine=hf", "trainer.total_steps=2",
@@ -158,6 +161,7 @@ def test_grpo_runs_without_a_teacher(ray_cluster, tmp_path):
     assert train[-1]["policy_version"] == 2  # versions count generation batches (syncs), not updates
 
 
+@pytest.mark.slow
 def test_off_policy_generation_runs_ahead(ray_cluster, tmp_path):
     """max_staleness=1: the round for step k+1 is generated while step k trains, so batches after
     the first are one version behind; nothing is lost or dropped."""

@@ -19,7 +19,6 @@ from tests.shared_data import SHARED_DATA
 DATA = SHARED_DATA
 
 pytestmark = [
-    pytest.mark.slow,
     pytest.mark.timeout(600),
     pytest.mark.skipif(not DATA.is_dir(), reason=f"real data not found under {DATA} (the shared data folder beside the repository)"),
 ]

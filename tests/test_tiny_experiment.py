@@ -11,7 +11,7 @@ import yaml
 
 from distil_ray.telemetry.metrics import read_metrics
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+pytestmark = pytest.mark.timeout(900)
 
 
 def run_tiny(run_dir, *overrides):
@@ -47,6 +47,7 @@ def test_tiny_experiment_learns(default_run):
     assert train[-1]["replay/served"] == 40 * 8 * 4 and train[-1]["replay/dropped"] == 0
 
 
+@pytest.mark.slow
 def test_the_teacher_on_the_learner_ranks_learns_as_the_vllm_teacher_does(default_run, tmp_path):
     """teacher.backend=learner: no teacher engine; the learner ranks score each record's teacher
     context inside the step, with the EMA they keep. The same weights as the vLLM teacher's, so

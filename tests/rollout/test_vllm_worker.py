@@ -20,7 +20,6 @@ from distil_ray.tasks.base import TaskExample
 # skipped only where vLLM is not installed at all: an installed vLLM that fails to import (e.g. a
 # broken torchvision beside CPU torch) must fail these tests, not hide behind a skip
 pytestmark = [
-    pytest.mark.slow,
     pytest.mark.timeout(300),
     pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed"),
 ]
