@@ -35,17 +35,11 @@ while True:
     except OSError:
         time.sleep(0.01)
 """
-# Test 1 leaves a detached process and files behind; the later tests print what they can see
-# of them: processes other than the sandbox's own (this process's ancestors: init, then the
-# supervisor, or the fork server and the response server; and their forks waiting for the next
-# test or response) and files.
-LEFTOVERS = """
-import os, subprocess, sys, time
-if input() == "1":
-    subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
-    open("left.txt", "w").write("x")
-    open("/tmp/left.txt", "w").write("x")
-    time.sleep(0.2)
+# Sets `others`: the processes a program sees that are not the sandbox's own (its ancestors: init,
+# then the supervisor, or the fork server and the response server; and their forks waiting for the
+# next test or response).
+OTHER_PROCESSES = """
+import os
 def cmdline(pid):
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
@@ -58,8 +52,20 @@ while pid > 1:
     with open(f"/proc/{pid}/stat") as f:
         pid = int(f.read().rsplit(")", 1)[1].split()[1])
 sandbox = {cmdline(p) for p in own}  # (its servers' forks, waiting for the next test or response)
-pids = [p for p in os.listdir("/proc") if p.isdigit() and int(p) not in own and cmdline(p) not in sandbox]
-print(len(pids), sorted(os.listdir(".")), sorted(os.listdir("/tmp")))
+others = [p for p in os.listdir("/proc") if p.isdigit() and int(p) not in own and cmdline(p) not in sandbox]
+"""
+
+# Test 1 leaves a detached process and files behind; the later tests print what they can see
+# of them (OTHER_PROCESSES, and files).
+LEFTOVERS = """
+import os, subprocess, sys, time
+if input() == "1":
+    subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    open("left.txt", "w").write("x")
+    open("/tmp/left.txt", "w").write("x")
+    time.sleep(0.2)
+""" + OTHER_PROCESSES + """
+print(len(others), sorted(os.listdir(".")), sorted(os.listdir("/tmp")))
 """
 LEFTOVER_TESTS = [{"input": f"{i}\n", "output": "0 [] []\n"} for i in (1, 2, 3)]
 
@@ -255,19 +261,7 @@ time.sleep(0.3)
 # Response 2, in the same sandbox, looks for all of it.
 SECOND_RESPONSE = """
 import gc, os, socket
-def cmdline(pid):
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read()
-    except OSError:
-        return None
-own, pid = {1}, os.getpid()
-while pid > 1:
-    own.add(pid)
-    with open(f"/proc/{pid}/stat") as f:
-        pid = int(f.read().rsplit(")", 1)[1].split()[1])
-sandbox = {cmdline(p) for p in own}  # (its servers' forks, waiting for the next test or response)
-others = [p for p in os.listdir("/proc") if p.isdigit() and int(p) not in own and cmdline(p) not in sandbox]
+""" + OTHER_PROCESSES + """
 s = socket.socket(socket.AF_UNIX)
 try:
     s.connect(b"\\0left")

@@ -18,8 +18,9 @@ with ``stop_on_first_failure`` those after the first failure.
   ever receives the inputs: every output is compared here, outside it. A test that kills or
   stops the fork server ends that sandbox; the next test gets a new one.
   With ``warm_sandbox`` (default) a sandbox outlives its response (where its tests run as uids of
-  their own: run by root): at the response's end its program is unloaded (its response server exits; the fork server forks a fresh one) and the
-  sandbox waits, idle, for the next response of this process with the same limits. The start of
+  their own: run by root): at the response's end its program is unloaded (its response server
+  exits; the fork server forks a fresh one) and the sandbox waits, idle, for the next response of
+  this process with the same limits. The start of
   bwrap and of the interpreter (~40 ms) is paid once per process, not per response; what the
   next response finds of the previous one is nothing (see :mod:`..sandbox.forkserver`).
 * ``"per_test"``: one sandbox (bwrap, cgroup, interpreter) per test, as :meth:`Sandbox.run`.

@@ -16,17 +16,17 @@ waits for the response's first request. Three processes deep, then:
 * the **response server** reads its response's first request, which loads the program: it runs
   the *setup* program (``setup.py``, trusted code of the caller: it may import modules and
   compile, never run, the untrusted program) and compiles the *main* program (``main.py``), both
-  written by the host just before, into the program's ``__main__`` module; then it confines
-  itself (a fresh session keyring, the seccomp filter: every test process inherits both). Per
+  written by the host just before, into the program's ``__main__`` module (the root confined
+  itself once, at start: the seccomp filter and a fresh session keyring come with every fork). Per
   test request (a JSON header, then the input's bytes) it starts one test process, and at the
   response's end request (or the end of the request pipe) it exits;
 * a **test process** is forked from the response server *before* its test is known (while the
   previous test runs: the fork and the interpreter's after-fork work leave the test's critical
-  path). It takes
-  its own process group, its standard streams (stdin a memfd the server fills when the request
-  comes, fresh pipes for stdout and stderr), ``oom_score_adj`` 1000 and a *fresh uid of its own*
-  (when the server may switch uids, i.e. run by root), enters the working directory and waits;
-  the request brings its rlimits, and it runs the main program as ``__main__``.
+  path). It takes its own process group, its standard streams (stdin a memfd the server fills
+  when the request comes, fresh pipes for stdout and stderr) and ``oom_score_adj`` 1000, and
+  waits; the request brings its rlimits, then it switches to a *fresh uid of its own* (when the
+  server may switch uids, i.e. run by root), enters the working directory and runs the main
+  program as ``__main__``.
 
 The response server waits (pidfd) until the test process exits, its wall time runs out or an
 output goes past its cap; then it kills the process, its process group and every other
@@ -120,10 +120,10 @@ def finish(code):
 class Spare:
     # The next test's process, forked before its test is known (while the previous test runs),
     # so that the fork, the interpreter's after-fork work and what does not depend on the test
-    # leave the test's critical path: it has its own process group, its fresh uid and its
-    # standard streams (the seccomp filter and the session keyring come with the fork); it waits
-    # for its request (the rlimits) on the `go` pipe, then enters the working directory (its own
-    # by then). Its stdin is a memfd the server fills when the request comes.
+    # leave the test's critical path: it has its own process group and its standard streams (the
+    # seccomp filter and the session keyring come with the fork); it waits for its request (the
+    # rlimits) on the `go` pipe, then takes its fresh uid and enters the working directory (its
+    # own by then). Its stdin is a memfd the server fills when the request comes.
     def __init__(self):
         t0 = time.monotonic()
         self.uid = fresh_uid() if uid_switch else None
@@ -393,10 +393,9 @@ def run_one(req, data):
                     break
             except BlockingIOError:
                 break
-    # Anything it left running (its orphans come to this subreaper: no child of this process
-    # means no process of the test is left) is killed, then the rest of its output read to EOF.
-    # With nothing left running the output is complete and the report goes first: the host
-    # reads it while the files are wiped and the next test's process is forked.
+    # Anything it left running (its orphans come to this subreaper: no child of this process but
+    # the next test's means no process of the test is left) is killed, then the rest of its
+    # output read to EOF.
     leftovers = bool(open_fds) or any(pid != keep for pid in children(os.getpid()))
     if leftovers:
         try:
