@@ -222,8 +222,7 @@ _result_of_run = harness.result_of_run
 PHASES = {  # the fork server's phases of one test (forkserver.py), and the host's share
     "fork": "fork the test's process, before its test (between tests)",
     "dispatch": "request read, input and limits handed to the process",
-    "start": "the process wakes, sets its rlimits",
-    "run": "the program runs and exits",
+    "run": "the process wakes, takes its uid, runs the program and exits",
     "collect": "output drained, leftovers checked, report written",
     "round_trip": "host: request sent to report parsed",
     "load": "once per response: setup (prelude, compile), confinement",

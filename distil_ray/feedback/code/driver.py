@@ -39,8 +39,10 @@ PRELUDE = (
 
 # What a session's fork server runs before it knows any program: the driver's own imports and the
 # prelude, into a namespace that each program's setup copies (``_PRELOADED["_PRELUDE_NS"]``), so
-# that loading a program costs its compilation only.
-PRELOAD = "import io, json, linecache, traceback\n_PRELUDE_NS = {}\nexec(" + repr(PRELUDE) + ", _PRELUDE_NS)\n"
+# that loading a program costs its compilation only. (``ast`` and ``unicodedata``: what a traceback
+# imports when it is first formatted, i.e. in every test process whose program raised.)
+PRELOAD = ("import ast, io, json, linecache, traceback, unicodedata\n_PRELUDE_NS = {}\nexec("
+           + repr(PRELUDE) + ", _PRELUDE_NS)\n")
 
 COMPILE_ERROR_EXIT = 3
 SOLUTION_FILE = "solution.py"

@@ -57,6 +57,7 @@ class _Cgroup:
         self.version = version  # "v1" | "v2"
         self.limit_bytes = limit_bytes
         self.dirs: list[str] = []  # v2: [the cgroup]; v1: [memory cgroup, pids cgroup]
+        self._fds: dict[str, int] = {}  # counter files a session reads or resets on every run
 
     @classmethod
     def create(cls, name: str, memory_bytes: int, max_tasks: int) -> tuple[_Cgroup | None, str | None]:
@@ -147,10 +148,22 @@ class _Cgroup:
         return _CgroupStats(self.limit_bytes, _cg_read_int(d, "memory.max_usage_in_bytes"),
                             _cg_read_int(d, "memory.failcnt") or 0, oom.get("oom_kill", 0))
 
+    def _counter_fd(self, name: str, flags: int) -> int:
+        """The file ``name`` of the memory cgroup, opened once (a session reads or resets it on
+        every run: a kept descriptor saves the open and close each time)."""
+        fd = self._fds.get(name)
+        if fd is None:
+            fd = self._fds[name] = os.open(os.path.join(self.dirs[0], name), flags | os.O_CLOEXEC)
+        return fd
+
     def oom_kill_count(self) -> int:
         """The OOM killer's kills in the cgroup so far (one file: cheap enough for every run)."""
         name = "memory.events" if self.version == "v2" else "memory.oom_control"
-        return _cg_read_keyed(self.dirs[0], name).get("oom_kill", 0)
+        try:
+            text = os.pread(self._counter_fd(name, os.O_RDONLY), 4096, 0).decode()
+        except OSError:
+            return 0
+        return _parse_keyed(text).get("oom_kill", 0)
 
     def reset_counters(self) -> bool:
         """Start the peak usage and the limit hits over (v1: a session's runs each get their
@@ -158,14 +171,17 @@ class _Cgroup:
         if self.version != "v1":
             return False
         try:
-            _cg_write(self.dirs[0], "memory.max_usage_in_bytes", 0)
-            _cg_write(self.dirs[0], "memory.failcnt", 0)
+            for name in ("memory.max_usage_in_bytes", "memory.failcnt"):
+                os.pwrite(self._counter_fd(name, os.O_WRONLY), b"0", 0)
         except OSError:
             return False
         return True
 
     def remove(self) -> None:
         """Remove the cgroup (empty by now: :meth:`kill` came first). Idempotent."""
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
         for d in self.dirs:
             deadline = time.monotonic() + 5.0
             while True:
@@ -200,15 +216,19 @@ def _cg_read_int(cgroup_dir: str, name: str) -> int | None:
 
 def _cg_read_keyed(cgroup_dir: str, name: str) -> dict[str, int]:
     """A "key value" per line file (memory.events, memory.oom_control)."""
-    out: dict[str, int] = {}
     try:
         with open(os.path.join(cgroup_dir, name)) as f:
-            for line in f:
-                key, _, value = line.partition(" ")
-                if value.strip().isdigit():
-                    out[key] = int(value)
+            return _parse_keyed(f.read())
     except OSError:
-        pass
+        return {}
+
+
+def _parse_keyed(text: str) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(" ")
+        if value.strip().isdigit():
+            out[key] = int(value)
     return out
 
 

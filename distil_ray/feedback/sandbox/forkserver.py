@@ -20,13 +20,19 @@ waits for the response's first request. Three processes deep, then:
   itself once, at start: the seccomp filter and a fresh session keyring come with every fork). Per
   test request (a JSON header, then the input's bytes) it starts one test process, and at the
   response's end request (or the end of the request pipe) it exits;
-* a **test process** is forked from the response server *before* its test is known (while the
-  previous test runs: the fork and the interpreter's after-fork work leave the test's critical
-  path). It takes its own process group, its standard streams (stdin a memfd the server fills
-  when the request comes, fresh pipes for stdout and stderr) and ``oom_score_adj`` 1000, and
-  waits; the request brings its rlimits, then it switches to a *fresh uid of its own* (when the
-  server may switch uids, i.e. run by root), enters the working directory and runs the main
-  program as ``__main__``.
+* a **test process** is forked *before* its test is known, while the previous test runs (the
+  fork and the interpreter's after-fork work leave the test's critical path), and as a rule not
+  by the response server but by the test process before it, while that one still waited for its
+  own test (a copy of the server as it was after the load, then: nothing of a program has run in
+  it). So the response server, which keeps writing its memory, shares it with no fork of its own
+  once its first test has run: on this side of the fork no page is copied on the tests' path. A
+  test process takes its own process group, its standard streams (stdin a memfd the server fills
+  when the request comes, fresh pipes for stdout and stderr) and ``oom_score_adj`` 1000; then,
+  when the server asks, it forks the test process after it and hands it over (its pid and the
+  server's ends of its streams, on a control socket it closes before its own test); then it
+  waits. The server sets its rlimits (``prlimit``) and gives the word: it switches to a *fresh
+  uid of its own* (when the server may switch uids, i.e. run by root), enters the working
+  directory and runs the main program as ``__main__``.
 
 The response server waits (pidfd) until the test process exits, its wall time runs out or an
 output goes past its cap; then it kills the process, its process group and every other
@@ -46,7 +52,7 @@ Nothing the host compares against (expected outputs) is ever sent here."""
 from .supervisor import _COMMON
 
 _FORKSERVER = _COMMON + r"""
-import atexit, select, struct, types
+import atexit, select, socket, struct, types
 
 PR_SET_DUMPABLE = 4
 END_OF_REQUESTS = 3  # a response server's exit code when the host closed the request pipe
@@ -117,35 +123,53 @@ def finish(code):
         pass
     return code
 
+def new_streams():
+    # A test process's streams: (the server's ends, the process's own ends). Its stdin is a memfd
+    # the server fills when the request comes.
+    in_fd = os.memfd_create("stdin", 0)
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    ready_r, ready_w = os.pipe()
+    go_r, go_w = os.pipe()
+    return (in_fd, out_r, err_r, ready_r, go_w), (in_fd, out_w, err_w, go_r, ready_w)
+
+def close_all(fds):
+    for fd in fds:
+        os.close(fd)
+
 class Spare:
-    # The next test's process, forked before its test is known (while the previous test runs),
-    # so that the fork, the interpreter's after-fork work and what does not depend on the test
-    # leave the test's critical path: it has its own process group and its standard streams (the
-    # seccomp filter and the session keyring come with the fork); it waits for its request (the
-    # rlimits) on the `go` pipe, then takes its fresh uid and enters the working directory (its
-    # own by then). Its stdin is a memfd the server fills when the request comes.
-    def __init__(self):
+    # A test process forked before its test is known, and the server's ends of its streams. It is
+    # forked either by this server (the first of a response, or when the chain broke) or by the
+    # spare before it, while that one still waits for its own test (see `prepare_next`): that way this
+    # server forks almost never, and its memory, which it keeps writing, is shared with no other
+    # process (each page it writes while a fork of it lives is a page copied, on the tests' path).
+    def __init__(self, pid, uid, server_ends, fork_s, pidfd=None):
+        self.pid, self.uid, self.fork_s = pid, uid, fork_s
+        self.in_fd, self.out_r, self.err_r, self.ready_r, self.go_w = server_ends
+        self.pidfd = pidfd if pidfd is not None else os.pidfd_open(pid)
+        self.prepared = False
+
+    @classmethod
+    def fork(cls):
+        # Forked here (the server).
         t0 = time.monotonic()
-        self.uid = fresh_uid() if uid_switch else None
-        self.in_fd = os.memfd_create("stdin", 0)
-        self.out_r, out_w = os.pipe()
-        self.err_r, err_w = os.pipe()
-        self.ready_r, ready_w = os.pipe()
-        go_r, self.go_w = os.pipe()
-        self.pidfd = None
+        uid = fresh_uid() if uid_switch else None
+        server_ends, own_ends = new_streams()
         try:
-            self.pid = os.fork()
+            pid = os.fork()
         except OSError:
-            for fd in (out_w, err_w, ready_w, go_r):
-                os.close(fd)
-            self.close_fds()
+            close_all(server_ends + own_ends[1:])
             raise
-        if self.pid == 0:
-            child(self.in_fd, out_w, err_w, go_r, ready_w, self.uid)
-        for fd in (out_w, err_w, ready_w, go_r):
-            os.close(fd)
-        self.pidfd = os.pidfd_open(self.pid)
-        self.fork_s = time.monotonic() - t0
+        if pid == 0:
+            spare_life(own_ends, uid)  # (what it holds of this server's descriptors its set-up closes)
+        close_all(own_ends[1:])
+        return cls(pid, uid, server_ends, time.monotonic() - t0, os.pidfd_open(pid))
+
+    def prepare(self, token):
+        # Ask it to fork the spare after it now (it has not run anything yet): the answer comes on
+        # the control socket (see `receive_prepared`).
+        os.write(self.go_w, b"p" + token)
+        self.prepared = True
 
     def start(self, req, data):
         # Give it its input and its limits: it runs at once. False: it is gone (the previous
@@ -157,8 +181,10 @@ class Spare:
         os.close(self.in_fd)
         self.in_fd = None
         try:
-            write_all(self.go_w, json.dumps(req["rlimits"]).encode())
-        except BrokenPipeError:
+            for name, (soft, hard) in req["rlimits"].items():
+                resource.prlimit(self.pid, getattr(resource, name), (soft, hard))
+            os.write(self.go_w, b"g")
+        except (BrokenPipeError, ProcessLookupError):
             return False
         os.close(self.go_w)
         self.go_w = None
@@ -179,55 +205,100 @@ class Spare:
         if reaped.pop(self.pid, None) is None:
             try:
                 os.waitpid(self.pid, 0)
-            except ChildProcessError:
+            except ChildProcessError:  # (not this server's child yet: its zombie comes here later)
                 pass
         self.close_fds()
 
-def child(in_fd, out_w, err_w, go_r, ready_w, uid):
-    # Before the request: everything that does not depend on it.
+def prepare_next(token):
+    # Fork the spare after this one, a copy of this process as it is now (it has run nothing of
+    # a program). In the copy: its own streams and uid (it goes round spare_life's loop). Here:
+    # None, once the server has the copy's pid, uid and the server's ends of its streams (or, with
+    # no descriptors, word that there is none) on the control socket. As little as possible runs
+    # here after the fork: each page this process writes from now on is a page copied.
+    t0 = time.monotonic()
+    uid = fresh_uid() if uid_switch else None
     try:
-        os.setpgid(0, 0)  # its own process group, killed whole after the test
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        os.dup2(in_fd, 0)
-        os.dup2(out_w, 1)
-        os.dup2(err_w, 2)
-        keep = sorted((go_r, ready_w))  # only these and the standard streams stay open
-        os.closerange(3, keep[0])
-        os.closerange(keep[0] + 1, keep[1])
-        os.closerange(keep[1] + 1, 1 << 20)
+        server_ends, own = new_streams()
+    except OSError:
+        server_ends = None
+    if server_ends is not None:
+        head = token + struct.pack("<q", -1 if uid is None else uid)
+        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("5i", *server_ends))]
+        to_close = server_ends + own[1:]
         try:
-            fd = os.open("/proc/self/oom_score_adj", os.O_WRONLY)
-            try:
-                os.write(fd, b"1000")
-            finally:
-                os.close(fd)
+            pid = os.fork()
+        except OSError:
+            close_all(to_close)
+            server_ends = None
+    try:
+        if server_ends is None:
+            ctl.send(token)
+            return None
+        if pid == 0:
+            return own, uid  # (what it holds of this process's descriptors its set-up closes)
+        try:
+            os.setpgid(pid, pid)  # (in its own group at once, whichever of the two runs first)
         except OSError:
             pass
-        if not spec["seccomp"]:  # (nothing refuses keyctl: a keyring of its own, not the server's)
-            join_fresh_keyring()
-    except BaseException as exc:
-        try:
-            os.write(ready_w, repr(exc).encode()[:2000])
-        except OSError:
-            pass
-        os._exit(127)
-    request = bytearray()
+        ctl.sendmsg([head, struct.pack("<id", pid, time.monotonic() - t0)], ancillary)
+    except OSError:  # (the server is gone)
+        pass
+    close_all(to_close)
+    return None
+
+def spare_life(own, uid):
+    # A test process, from its fork to its test. Before the request, everything that does not
+    # depend on it; then, if told to, it forks the spare after it (a copy of this process as it is
+    # now: it has run nothing of the program), and waits for its test. The spare after it goes
+    # round the same loop (no deeper call stack from one generation to the next).
     while True:
-        chunk = os.read(go_r, 1 << 16)
-        if not chunk:
-            break
-        request += chunk
-    if not request:  # discarded before its test
+        in_fd, out_w, err_w, go_r, ready_w = own
+        try:
+            os.setpgid(0, 0)  # its own process group, killed whole after the test
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.dup2(in_fd, 0)
+            os.dup2(out_w, 1)
+            os.dup2(err_w, 2)
+            keep = sorted((go_r, ready_w, ctl.fileno()))  # only these and the standard streams stay open
+            os.closerange(3, keep[0])
+            os.closerange(keep[0] + 1, keep[1])
+            os.closerange(keep[1] + 1, keep[2])
+            os.closerange(keep[2] + 1, 1 << 20)
+            try:
+                fd = os.open("/proc/self/oom_score_adj", os.O_WRONLY)
+                try:
+                    os.write(fd, b"1000")
+                finally:
+                    os.close(fd)
+            except OSError:
+                pass
+            if not spec["seccomp"]:  # (nothing refuses keyctl: a keyring of its own, not the server's)
+                join_fresh_keyring()
+        except BaseException as exc:
+            try:
+                os.write(ready_w, repr(exc).encode()[:2000])
+            except OSError:
+                pass
+            os._exit(127)
+        word = os.read(go_r, 5)
+        if word[:1] == b"p":
+            successor = prepare_next(word[1:5])
+            if successor is not None:  # (this is the spare after it: round the loop with its own streams)
+                own, uid = successor
+                continue
+            word = os.read(go_r, 1)
+        ctl.close()  # (before its test: the program never holds the control socket)
+        break
+    # Its test: the server has set its rlimits (prlimit) and filled its stdin by now.
+    if word != b"g":  # discarded before its test
         os._exit(0)
     try:
-        for name, (soft, hard) in json.loads(request).items():
-            resource.setrlimit(getattr(resource, name), (soft, hard))
         if uid is not None:  # (after the rlimits: root may raise a hard limit, the fresh uid not)
             os.setgroups([])
             os.setgid(uid)
             os.setuid(uid)  # from root to a non-zero uid: all capabilities are dropped
         os.chdir(work)  # (its own now)
-        os.write(ready_w, b"ok" + repr(time.monotonic()).encode())
+        os.write(ready_w, b"k")
         os.close(go_r)
         os.close(ready_w)
     except BaseException as exc:
@@ -324,30 +395,84 @@ def wipe(uid):
     os.waitpid(pid, 0)
     return all(is_empty(d) for d in dirty)
 
+spares = []  # the next tests' processes, in order: forked ahead, each (mostly) by the one before
+pending = None  # (token, spare) of the spare asked to fork the one after it, until its answer comes
+PREPARE_WAIT_S = 5.0
+
+def ask_to_prepare(sp):
+    global pending, last_token
+    last_token = (last_token + 1) & 0xFFFFFFFF
+    token = last_token.to_bytes(4, "little")
+    sp.prepare(token)
+    pending = (token, sp)
+
+def receive_prepared(wait_s):
+    # The answer of the spare asked to fork the one after it (it came during the previous test,
+    # as a rule): the new spare joins the queue. None comes when that spare died or could not
+    # fork, or in `wait_s` (then the next test's process forks its own; 0: look, do not wait); an
+    # answer to an earlier request (late) is dropped, its spare with it (it reads the end of its
+    # request pipe and exits).
+    global pending
+    deadline = time.monotonic() + wait_s
+    while pending is not None:
+        token, asker = pending
+        poller = select.poll()
+        poller.register(ctl_srv, select.POLLIN)
+        poller.register(asker.pidfd, select.POLLIN)
+        left = deadline - time.monotonic()
+        events = dict(poller.poll(max(0.0, left) * 1000))
+        if not events:
+            if wait_s > 0:  # (too slow)
+                pending = None
+            return
+        if ctl_srv.fileno() in events:
+            msg, fds, _, _ = socket.recv_fds(ctl_srv, 64, 5)
+            if msg[:4] != token or len(fds) != 5 or len(msg) != 24:
+                close_all(fds)
+                if msg[:4] == token:  # (it could not fork)
+                    pending = None
+                continue
+            pending = None
+            uid, pid, fork_s = struct.unpack("<qid", msg[4:])
+            try:
+                spares.append(Spare(pid, None if uid < 0 else uid, fds, fork_s))
+            except OSError:  # (gone already)
+                close_all(fds)
+            return
+        pending = None  # (it died)
+
+def keep_spares():
+    return {sp.pid for sp in spares}
+
 def run_one(req, data):
-    global spare
     t_request = time.monotonic()
-    s, spare = spare, None
+    if pending is not None:
+        receive_prepared(PREPARE_WAIT_S)
+    s = spares.pop(0) if spares else None
     if s is None or not s.start(req, data):
         if s is not None:
             s.discard()
-        s = Spare()
+        s = Spare.fork()
         if not s.start(req, data):
             raise RuntimeError("a test's process ended before its test")
     t0 = time.monotonic()
-    # The next test's process is forked now, while this test runs (this server would only
-    # wait): it is of another uid (run by root), or non-dumpable and of no use to the program
-    # (the fallback); one the program killed is replaced at its test.
+    # The next test's process is ready (it forked while the previous test ran); it now forks the
+    # one after it, while this test runs. It is of another uid (run by root), or non-dumpable and
+    # of no use to the program (the fallback); one the program killed is replaced at its test.
     try:
-        spare = Spare()
+        if not spares:  # (the chain broke, or the response's first test: this server forks)
+            spares.append(Spare.fork())
+        if not spares[0].prepared and pending is None:
+            ask_to_prepare(spares[0])
     except OSError:  # (the program holds every task the cgroup allows: the next test forks its own)
-        spare = None
-    keep = spare.pid if spare is not None else None
+        pass
     cap = req["cap"]
     out = {s.out_r: bytearray(), s.err_r: bytearray()}
     poller = select.poll()
     for fd in (s.out_r, s.err_r, s.pidfd):
         poller.register(fd, select.POLLIN)
+    if pending is not None:
+        poller.register(ctl_srv, select.POLLIN)
     open_fds = {s.out_r, s.err_r}
     deadline = t0 + req["timeout_s"]
     killed_for = None
@@ -375,6 +500,9 @@ def run_one(req, data):
         for fd, _ in poller.poll(left * 1000):
             if fd == s.pidfd:
                 exited = True
+            elif fd == ctl_srv.fileno():
+                poller.unregister(fd)
+                receive_prepared(0)
             else:
                 read_from(fd)
                 if len(out[fd]) > cap:
@@ -396,33 +524,31 @@ def run_one(req, data):
     # Anything it left running (its orphans come to this subreaper: no child of this process but
     # the next test's means no process of the test is left) is killed, then the rest of its
     # output read to EOF.
-    leftovers = bool(open_fds) or any(pid != keep for pid in children(os.getpid()))
+    keep = keep_spares()
+    leftovers = bool(open_fds) or any(pid not in keep for pid in children(os.getpid()))
     if leftovers:
         try:
             os.killpg(s.pid, signal.SIGKILL)
         except OSError:
             pass
         kill_descendants(keep=keep)
-        if keep in reaped:  # (the program killed it)
-            spare.discard()
-            spare = None
+        for sp in [sp for sp in spares if sp.pid in reaped]:  # (the program killed it)
+            spares.remove(sp)
+            sp.discard()
         for fd in list(open_fds):
             os.set_blocking(fd, True)
             while fd in open_fds and len(out[fd]) <= cap and read_from(fd):
                 pass
     ready = os.read(s.ready_r, 4096)
     s.close_fds()
-    if ready.startswith(b"ok"):
-        setup_error, t_start = None, float(ready[2:])
-    else:
-        setup_error, t_start = ready.decode(errors="replace") or "the test's process ended before its program", t0
+    setup_error = None if ready == b"k" else ready.decode(errors="replace") or "the test's process ended before its program"
     stdout, stderr = (bytes(buf[: cap + 1]) for buf in out.values())
     clean = wipe(s.uid)  # (a few directory reads; a process to remove files only when there are some)
     head = {"event": "test", "unclean": not clean, "wait_status": wait_status, "maxrss_kb": usage.ru_maxrss,
             "cpu_s": usage.ru_utime + usage.ru_stime, "wall_s": t_exit - t0, "killed_for": killed_for,
             "setup_error": setup_error, "out": len(stdout), "err": len(stderr),
             # where the test's time went, from the request's arrival (for the grading benchmark)
-            "phases": {"dispatch": t0 - t_request, "start": t_start - t0, "run": t_exit - t_start,
+            "phases": {"dispatch": t0 - t_request, "run": t_exit - t0,
                        "collect": time.monotonic() - t_exit, "fork": s.fork_s, **phases_ahead}}
     phases_ahead.clear()
     write_all(status_fd, json.dumps(head).encode() + b"\n" + stdout + stderr)
@@ -447,15 +573,19 @@ def load(req):
     sys.argv = list(req["argv"])
     sys.modules["__main__"] = main
 
-spare = None  # the next test's process (a Spare), forked ahead
 phases_ahead = {}  # (the load's time, reported with the first test)
 
 def serve_one_response(handover_w):
     # The response server (a fresh fork of the root): load, the tests, exit. At the response's
-    # end it kills the next test's process it had ready and tells the root at once that it reads
+    # end it kills the test processes it had ready and tells the root at once that it reads
     # no more requests (the next response's server may start while this one exits).
-    global spare
+    global ctl_srv, ctl, last_token
     reaped.clear()  # (the root's)
+    # The control socket on which a spare hands over the spare it forked (its pid and the server's
+    # ends of its streams): `ctl` is the spares' end (each closes it before its test), `ctl_srv`
+    # this server's.
+    ctl_srv, ctl = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    last_token = 0
     try:
         prctl(PR_SET_CHILD_SUBREAPER, 1)
     except OSError:
@@ -486,11 +616,11 @@ def serve_one_response(handover_w):
             kill_descendants()
             os._exit(127)
     if req is None:
-        kill_descendants()  # (the spare)
+        kill_descendants()  # (the spares)
         os._exit(END_OF_REQUESTS)
-    if spare is not None:
+    for sp in spares:
         try:
-            signal.pidfd_send_signal(spare.pidfd, signal.SIGKILL)  # (reaped by the root)
+            signal.pidfd_send_signal(sp.pidfd, signal.SIGKILL)  # (reaped by the root)
         except OSError:
             pass
     os.write(handover_w, b"d")
@@ -567,12 +697,20 @@ while True:
         os.close(following[2])
         following = fork_retrying()
         handed_over = start_response_server(following)
-    _, status = os.waitpid(current[0], 0)
+    status = reaped.pop(current[0], None)  # (reaped last round already: see below)
+    if status is None:
+        _, status = os.waitpid(current[0], 0)
     reaped.clear()
-    kill_descendants(keep=following[0])  # whatever the response left (its killed spare)
-    if handed_over and following[0] in reaped:
-        handed_over = False  # (it died after it started: it may have read requests)
-        status = reaped[following[0]]
+    kill_descendants(keep={following[0]})  # whatever the response left (its killed spares)
+    ended = reaped.get(following[0])
+    if ended is not None:
+        # It ended already. After a whole response of its own (exit code 0: it handed over, and
+        # the next round reads its word and takes its status from `reaped`), or not.
+        reaped.clear()
+        reaped[following[0]] = ended
+        if handed_over and not (os.WIFEXITED(ended) and os.WEXITSTATUS(ended) == 0):
+            handed_over = False  # (it died after it started: it may have read requests)
+            status = ended
     if handed_over:
         current = following
         continue

@@ -24,8 +24,8 @@ from .results import ISOLATION_MODES
 RUN_MARKER_VAR = "DISTIL_SANDBOX_RUN"
 # Processes of the sandbox itself in a run's cgroup: bwrap's monitor, the namespace's init and the
 # supervisor (only the supervisor in the fallback); in a session, instead of the supervisor, the
-# fork server, the response server, the next response's server and the next test's process.
-SANDBOX_TASKS = 6
+# fork server, the response server, the next response's server and the next two tests' processes.
+SANDBOX_TASKS = 7
 # Memory of those processes, on top of the program's budget in the run's cgroup limit.
 CGROUP_SLACK_MB = 48
 

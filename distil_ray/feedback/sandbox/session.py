@@ -195,7 +195,14 @@ class SandboxSession:
         base = self._memory_baseline()
         t0 = time.monotonic()
         deadline = t0 + limits.timeout_s + _REPLY_GRACE_S + (0.0 if self._started else _START_GRACE_S)
-        self._sel.register(self.proc.stdin, selectors.EVENT_WRITE, "request")
+        try:  # (as a rule the whole request fits in the pipe: no need to wait until it can be written)
+            request = request[os.write(self.proc.stdin.fileno(), request):]
+        except BlockingIOError:
+            pass
+        except OSError:  # the server is gone: its status pipe says the rest
+            request = request[:0]
+        if len(request):
+            self._sel.register(self.proc.stdin, selectors.EVENT_WRITE, "request")
         reply = None
         try:
             while reply is None:

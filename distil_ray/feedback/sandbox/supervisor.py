@@ -78,11 +78,11 @@ def kill_descendants(keep=None):
     # Every orphan of the program, even one that called setsid() or double-forked, is
     # re-parented to this process (a child subreaper), so killing its children until none is
     # left kills everything the program started. A child's pid cannot be reused before it is
-    # reaped here, so signalling by pid is safe. `keep`: a child spared (the fork server's next
-    # test process), reaped only if it died.
-    me, deadline, pause = os.getpid(), time.monotonic() + 5, 0.0001
+    # reaped here, so signalling by pid is safe. `keep`: the pids of children spared (the fork
+    # server's next test processes), reaped only if they died.
+    me, deadline, pause, keep = os.getpid(), time.monotonic() + 5, 0.0001, keep or ()
     while time.monotonic() < deadline:
-        others = [pid for pid in children(me) if pid != keep]
+        others = [pid for pid in children(me) if pid not in keep]
         for pid in others:
             try:
                 os.kill(pid, signal.SIGKILL)
