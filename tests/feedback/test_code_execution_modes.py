@@ -13,6 +13,7 @@ import pytest
 from distil_ray.feedback.code import ExecutionLimits, check_program, run_tests
 from distil_ray.feedback.code import harness as code_harness
 from distil_ray.feedback.sandbox import SandboxLimits, bwrap_status
+from distil_ray.feedback.sandbox import runner as sandbox_runner
 from distil_ray.feedback.sandbox import session as sandbox_session
 
 pytestmark = pytest.mark.timeout(120)
@@ -352,3 +353,44 @@ def test_livecodebench_grading_is_the_same_in_both_modes():
     assert (right_a.feedback, wrong_a.feedback) == (right_b.feedback, wrong_b.feedback)
     with pytest.raises(ValueError, match="^execution="):
         LiveCodeBenchConfig(execution="threads")
+
+
+# What a test's process looks like from inside, whichever process forked it (the first of a
+# response comes from the response server, the next ones each from the one before).
+FRESH_PROCESS = """
+import os, signal, threading, time
+try:
+    os.waitpid(-1, os.WNOHANG)
+    child = "a child"
+except ChildProcessError:
+    child = "no child"
+with open("/proc/self/oom_score_adj") as f:
+    oom = f.read().strip()
+fds = sorted(int(fd) for fd in os.listdir("/proc/self/fd"))[:-1]  # (the last: the listing's own)
+# (the C library's own record of the thread's id, which the CPU clock of a pthread is made of)
+clock = time.clock_gettime(time.pthread_getcpuclockid(threading.get_ident())) > 0
+print(child, oom, signal.getsignal(signal.SIGTERM) == signal.SIG_DFL, clock, fds)
+"""
+
+
+@pytest.mark.parametrize("forker", ["the process before", "the server"])
+def test_every_test_process_starts_alike(forker, monkeypatch):
+    # No child (none of the processes forked ahead is its child), the OOM killer's first pick, the
+    # default action of SIGTERM, its thread's id where the C library keeps it, only the standard
+    # streams open. Whether each is forked by the test process before it (the rule) or by the
+    # server (where the C library gives no clone with CLONE_PARENT).
+    if forker == "the server":
+        server = sandbox_runner._FORKSERVER
+        monkeypatch.setattr(sandbox_runner, "_FORKSERVER", server.replace(
+            "sibling_forking_with = sibling_forking()", "sibling_forking_with = None"))
+        assert sandbox_runner._FORKSERVER != server
+    expected = "no child 1000 True True [0, 1, 2]\n"
+    tests = [{"input": "", "output": expected}] * 6
+    code_harness.close_idle_sandboxes()  # (sandboxes of the other server)
+    try:
+        for mode in MODES:
+            for _ in range(2):
+                v = check_program(FRESH_PROCESS, tests, limits=limits_for(mode))
+                assert v.statuses == ["passed"] * 6, (mode, v.feedback)
+    finally:
+        code_harness.close_idle_sandboxes()

@@ -209,53 +209,101 @@ class Spare:
                 pass
         self.close_fds()
 
+# A spare forks the spare after it with clone(2)'s CLONE_PARENT: the copy's parent is then the
+# server (as for a spare the server forked), not the spare, whose program would otherwise find a
+# child it never started (and an os.wait() that never returns). os.fork() takes no clone flags:
+# fork_sibling() is os.fork() (the interpreter's own before- and after-fork work, around the
+# system call, with the GIL held throughout) with that flag, and with CLONE_CHILD_SETTID on the
+# thread descriptor's tid, as the C library's fork() does (the field's offset from glibc's
+# description of it for debuggers, checked here). None where that cannot be done (another C
+# library, another architecture): the server forks each test's process itself.
+CLONE_PARENT, CLONE_CHILD_SETTID, SIGCHLD_NR = 0x00008000, 0x01000000, 17
+
+def sibling_forking():
+    if spec["clone_nr"] is None:
+        return None
+    try:
+        libc_gil = ctypes.PyDLL(None, use_errno=True)  # (its calls keep the GIL, as os.fork's)
+        tid_field = (ctypes.c_uint32 * 3).in_dll(libc_gil, "_thread_db_pthread_tid")  # bits, count, offset
+        libc_gil.pthread_self.restype = ctypes.c_void_p
+        libc_gil.syscall.restype = ctypes.c_long
+        for name in ("PyOS_BeforeFork", "PyOS_AfterFork_Child", "PyOS_AfterFork_Parent"):
+            getattr(ctypes.pythonapi, name).restype = None
+    except (OSError, ValueError, AttributeError):
+        return None
+    if tuple(tid_field[:2]) != (32, 1):
+        return None
+    tid_address = libc_gil.pthread_self() + tid_field[2]
+    if ctypes.c_int.from_address(tid_address).value != os.getpid():  # (the main thread's tid is the pid)
+        return None
+    return libc_gil, tid_address
+
+def fork_sibling():
+    libc_gil, tid_address = sibling_forking_with
+    flags = CLONE_PARENT | CLONE_CHILD_SETTID | SIGCHLD_NR
+    ctypes.pythonapi.PyOS_BeforeFork()
+    # (the child's tid pointer is the 4th argument on x86_64, the 5th on aarch64, whose 4th, the
+    # TLS, is ignored without CLONE_SETTLS: both get it)
+    pid = libc_gil.syscall(ctypes.c_long(spec["clone_nr"]), ctypes.c_ulong(flags), ctypes.c_ulong(0),
+                           ctypes.c_ulong(0), ctypes.c_ulong(tid_address), ctypes.c_ulong(tid_address))
+    err = ctypes.get_errno()
+    if pid == 0:
+        ctypes.pythonapi.PyOS_AfterFork_Child()
+    else:
+        ctypes.pythonapi.PyOS_AfterFork_Parent()
+    if pid < 0:
+        raise OSError(err, os.strerror(err))
+    return pid
+
+def send_word(parts, fds=()):
+    try:
+        if fds:
+            ctl.sendmsg(parts, [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))])
+        else:
+            ctl.sendmsg(parts)
+    except OSError:  # (the server is gone)
+        pass
+
 def prepare_next(token):
-    # Fork the spare after this one, a copy of this process as it is now (it has run nothing of
-    # a program). In the copy: its own streams and uid (it goes round spare_life's loop). Here:
-    # None, once the server has the copy's pid, uid and the server's ends of its streams (or, with
-    # no descriptors, word that there is none) on the control socket. As little as possible runs
-    # here after the fork: each page this process writes from now on is a page copied.
+    # Fork the spare after this one (fork_sibling), a copy of this process as it is now (it has
+    # run nothing of a program). In the copy: its own streams and uid (it goes round spare_life's
+    # loop). Here: None, once the server has the copy's uid and pid and the server's ends of its
+    # streams on the control socket (or, with no descriptors, word that there is none). As little
+    # as possible runs here after the fork: each page this process writes then is a page copied.
     t0 = time.monotonic()
     uid = fresh_uid() if uid_switch else None
     try:
         server_ends, own = new_streams()
     except OSError:
-        server_ends = None
-    if server_ends is not None:
-        head = token + struct.pack("<q", -1 if uid is None else uid)
-        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("5i", *server_ends))]
-        to_close = server_ends + own[1:]
-        try:
-            pid = os.fork()
-        except OSError:
-            close_all(to_close)
-            server_ends = None
+        send_word([token])
+        return None
     try:
-        if server_ends is None:
-            ctl.send(token)
-            return None
-        if pid == 0:
-            return own, uid  # (what it holds of this process's descriptors its set-up closes)
-        try:
-            os.setpgid(pid, pid)  # (in its own group at once, whichever of the two runs first)
-        except OSError:
-            pass
-        ctl.sendmsg([head, struct.pack("<id", pid, time.monotonic() - t0)], ancillary)
-    except OSError:  # (the server is gone)
+        pid = fork_sibling()
+    except OSError:
+        close_all(server_ends + own[1:])
+        send_word([token])
+        return None
+    if pid == 0:
+        return own, uid  # (what it holds of the descriptors before it, its set-up closes)
+    try:
+        os.setpgid(pid, pid)  # (in its own group at once, whichever of the two runs first)
+    except OSError:
         pass
-    close_all(to_close)
+    send_word([token, struct.pack("<qid", -1 if uid is None else uid, pid, time.monotonic() - t0)], server_ends)
+    close_all(server_ends + own[1:])
     return None
 
 def spare_life(own, uid):
     # A test process, from its fork to its test. Before the request, everything that does not
     # depend on it; then, if told to, it forks the spare after it (a copy of this process as it is
     # now: it has run nothing of the program), and waits for its test. The spare after it goes
-    # round the same loop (no deeper call stack from one generation to the next).
+    # round the same loop (no deeper call stack from one generation to the next), and inherits
+    # what this one set up for the whole process (SIGTERM's action, oom_score_adj).
+    forked_by_the_server = True
     while True:
         in_fd, out_w, err_w, go_r, ready_w = own
         try:
             os.setpgid(0, 0)  # its own process group, killed whole after the test
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
             os.dup2(in_fd, 0)
             os.dup2(out_w, 1)
             os.dup2(err_w, 2)
@@ -264,14 +312,17 @@ def spare_life(own, uid):
             os.closerange(keep[0] + 1, keep[1])
             os.closerange(keep[1] + 1, keep[2])
             os.closerange(keep[2] + 1, 1 << 20)
-            try:
-                fd = os.open("/proc/self/oom_score_adj", os.O_WRONLY)
+            if forked_by_the_server:
+                forked_by_the_server = False
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 try:
-                    os.write(fd, b"1000")
-                finally:
-                    os.close(fd)
-            except OSError:
-                pass
+                    fd = os.open("/proc/self/oom_score_adj", os.O_WRONLY)
+                    try:
+                        os.write(fd, b"1000")
+                    finally:
+                        os.close(fd)
+                except OSError:
+                    pass
             if not spec["seccomp"]:  # (nothing refuses keyctl: a keyring of its own, not the server's)
                 join_fresh_keyring()
         except BaseException as exc:
@@ -462,7 +513,7 @@ def run_one(req, data):
     try:
         if not spares:  # (the chain broke, or the response's first test: this server forks)
             spares.append(Spare.fork())
-        if not spares[0].prepared and pending is None:
+        if not spares[0].prepared and pending is None and sibling_forking_with is not None:
             ask_to_prepare(spares[0])
     except OSError:  # (the program holds every task the cgroup allows: the next test forks its own)
         pass
@@ -524,6 +575,10 @@ def run_one(req, data):
     # Anything it left running (its orphans come to this subreaper: no child of this process but
     # the next test's means no process of the test is left) is killed, then the rest of its
     # output read to EOF.
+    if pending is not None:
+        # (the spare forked while this test ran is this server's child: its answer first, so that
+        # it is not taken for a leftover; it comes a moment after the fork, as a rule before now)
+        receive_prepared(PREPARE_WAIT_S)
     keep = keep_spares()
     leftovers = bool(open_fds) or any(pid not in keep for pid in children(os.getpid()))
     if leftovers:
@@ -635,6 +690,7 @@ try:
     prctl(PR_SET_DUMPABLE, 0)
 except OSError:
     pass
+sibling_forking_with = sibling_forking()
 preloaded = {}  # (each program's setup sees it as _PRELOADED)
 try:
     # Trusted imports, before any program is known: a session is started ahead of time with them,

@@ -236,7 +236,8 @@ class Sandbox:
                         "setup_file": os.path.join(os.path.dirname(inner_code), "setup.py"),
                         "preload": preload, "work": work,
                         "clean": [work, "/tmp", "/dev/shm"] if use_bwrap else [work],
-                        "chown_work": not use_bwrap and run_as is not None}
+                        "chown_work": not use_bwrap and run_as is not None,
+                        "clone_nr": abi.nr["clone"] if abi else None}
                 program = _FORKSERVER
             supervisor = [interp.executable, "-I", "-S", "-c", program, json.dumps(spec)]
             if preload is not None:
