@@ -358,7 +358,7 @@ def test_livecodebench_grading_is_the_same_in_both_modes():
 # What a test's process looks like from inside, whichever process forked it (the first of a
 # response comes from the response server, the next ones each from the one before).
 FRESH_PROCESS = """
-import os, signal, threading, time
+import os, resource, signal, threading, time
 try:
     os.waitpid(-1, os.WNOHANG)
     child = "a child"
@@ -366,31 +366,52 @@ except ChildProcessError:
     child = "no child"
 with open("/proc/self/oom_score_adj") as f:
     oom = f.read().strip()
-fds = sorted(int(fd) for fd in os.listdir("/proc/self/fd"))[:-1]  # (the last: the listing's own)
+fds = []
+for fd in range(64):
+    try:
+        os.fstat(fd)
+        fds.append(fd)
+    except OSError:
+        pass
 # (the C library's own record of the thread's id, which the CPU clock of a pthread is made of)
 clock = time.clock_gettime(time.pthread_getcpuclockid(threading.get_ident())) > 0
-print(child, oom, signal.getsignal(signal.SIGTERM) == signal.SIG_DFL, clock, fds)
+print(child, oom, signal.getsignal(signal.SIGTERM) == signal.SIG_DFL, clock, fds,
+      resource.getrlimit(resource.RLIMIT_NPROC), os.getcwd() == os.environ["HOME"], os.getuid() != 0)
+print(os.getpgid(0) == os.getpid(), os.getuid())
 """
 
 
+@needs_reuse  # (fresh uids)
 @pytest.mark.parametrize("forker", ["the process before", "the server"])
 def test_every_test_process_starts_alike(forker, monkeypatch):
     # No child (none of the processes forked ahead is its child), the OOM killer's first pick, the
     # default action of SIGTERM, its thread's id where the C library keeps it, only the standard
-    # streams open. Whether each is forked by the test process before it (the rule) or by the
-    # server (where the C library gives no clone with CLONE_PARENT).
+    # streams open, the test's rlimits, its working directory, a uid of its own, and (one sandbox
+    # per response) a process group of its own. Whether each is forked by the test process before
+    # it (the rule) or by the server (where the C library gives no clone with CLONE_PARENT).
     if forker == "the server":
         server = sandbox_runner._FORKSERVER
         monkeypatch.setattr(sandbox_runner, "_FORKSERVER", server.replace(
             "sibling_forking_with = sibling_forking()", "sibling_forking_with = None"))
         assert sandbox_runner._FORKSERVER != server
-    expected = "no child 1000 True True [0, 1, 2]\n"
-    tests = [{"input": "", "output": expected}] * 6
+    forked_by = []
+    grab = code_harness.result_of_run
+    monkeypatch.setattr(code_harness, "result_of_run",
+                        lambda res, *a, **k: forked_by.append(getattr(res, "forked_by", None)) or grab(res, *a, **k))
+    expected = "no child 1000 True True [0, 1, 2] (16, 16) True True\n"
     code_harness.close_idle_sandboxes()  # (sandboxes of the other server)
     try:
         for mode in MODES:
             for _ in range(2):
-                v = check_program(FRESH_PROCESS, tests, limits=limits_for(mode))
-                assert v.statuses == ["passed"] * 6, (mode, v.feedback)
+                forked_by.clear()
+                results = run_tests(FRESH_PROCESS, [{"input": "", "output": "?"}] * 6, limits=limits_for(mode))
+                firsts = {r.actual.split("\n")[0] + "\n" for r in results}
+                assert firsts == {expected}, (mode, [r.actual or r.error for r in results])
+                groups_and_uids = [r.actual.split("\n")[1].split() for r in results]
+                assert len({uid for _, uid in groups_and_uids}) == 6  # (a fresh uid each)
+                if mode == "per_response":
+                    assert {own_group for own_group, _ in groups_and_uids} == {"True"}
+                    chained = ["spare"] * 4 if forker == "the process before" else ["server"] * 4
+                    assert forked_by == ["server", "server", *chained]
     finally:
         code_harness.close_idle_sandboxes()

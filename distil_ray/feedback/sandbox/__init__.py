@@ -112,7 +112,9 @@ with a *fork server* as its supervisor, :mod:`.forkserver`) and runs ``code`` on
 ``session.run(stdin, timeout_s=..., max_output_bytes=...)``; each result is classified as a run of
 its own would be. The program is loaded into a *response server* forked from the fork server
 (the ``setup`` code runs and the program is compiled there, once), and each run is a process
-forked from the response server, ahead of its run (no start-up per run): its own process group,
+forked ahead of its run (no start-up per run), from the response server's state after the load
+(by the run's process before it, while that one waits for its own run: the server itself then
+forks almost never, and no page it writes is copied on the runs' path): its own process group,
 a *fresh uid of its own* (run by root), the run's rlimits; the seccomp filter and a fresh session
 keyring come with the fork. Its wall time is watched through a pidfd and its output capped.
 After it, everything it left running is killed (the server is a child subreaper) and ``/work``,

@@ -126,16 +126,28 @@ def finish(code):
 def new_streams():
     # A test process's streams: (the server's ends, the process's own ends). Its stdin is a memfd
     # the server fills when the request comes.
-    in_fd = os.memfd_create("stdin", 0)
-    out_r, out_w = os.pipe()
-    err_r, err_w = os.pipe()
-    ready_r, ready_w = os.pipe()
-    go_r, go_w = os.pipe()
+    made = [os.memfd_create("stdin", 0)]
+    try:
+        for _ in range(4):
+            made += os.pipe()
+    except OSError:
+        close_all(made)
+        raise
+    in_fd, out_r, out_w, err_r, err_w, ready_r, ready_w, go_r, go_w = made
     return (in_fd, out_r, err_r, ready_r, go_w), (in_fd, out_w, err_w, go_r, ready_w)
 
 def close_all(fds):
     for fd in fds:
         os.close(fd)
+
+def close_all_but(keep):
+    # Every descriptor from 3 up but those in `keep`.
+    low = 3
+    for fd in sorted(keep):
+        if fd >= low:
+            os.closerange(low, fd)
+            low = fd + 1
+    os.closerange(low, 1 << 20)
 
 class Spare:
     # A test process forked before its test is known, and the server's ends of its streams. It is
@@ -143,8 +155,8 @@ class Spare:
     # spare before it, while that one still waits for its own test (see `prepare_next`): that way this
     # server forks almost never, and its memory, which it keeps writing, is shared with no other
     # process (each page it writes while a fork of it lives is a page copied, on the tests' path).
-    def __init__(self, pid, uid, server_ends, fork_s, pidfd=None):
-        self.pid, self.uid, self.fork_s = pid, uid, fork_s
+    def __init__(self, pid, uid, server_ends, fork_s, pidfd=None, forked_by="spare"):
+        self.pid, self.uid, self.fork_s, self.forked_by = pid, uid, fork_s, forked_by
         self.in_fd, self.out_r, self.err_r, self.ready_r, self.go_w = server_ends
         self.pidfd = pidfd if pidfd is not None else os.pidfd_open(pid)
         self.prepared = False
@@ -163,7 +175,7 @@ class Spare:
         if pid == 0:
             spare_life(own_ends, uid)  # (what it holds of this server's descriptors its set-up closes)
         close_all(own_ends[1:])
-        return cls(pid, uid, server_ends, time.monotonic() - t0, os.pidfd_open(pid))
+        return cls(pid, uid, server_ends, time.monotonic() - t0, os.pidfd_open(pid), forked_by="server")
 
     def prepare(self, token):
         # Ask it to fork the spare after it now (it has not run anything yet): the answer comes on
@@ -184,7 +196,7 @@ class Spare:
             for name, (soft, hard) in req["rlimits"].items():
                 resource.prlimit(self.pid, getattr(resource, name), (soft, hard))
             os.write(self.go_w, b"g")
-        except (BrokenPipeError, ProcessLookupError):
+        except OSError:  # (gone; or, in the fallback, the previous test's program lowered its hard limits)
             return False
         os.close(self.go_w)
         self.go_w = None
@@ -214,10 +226,13 @@ class Spare:
 # child it never started (and an os.wait() that never returns). os.fork() takes no clone flags:
 # fork_sibling() is os.fork() (the interpreter's own before- and after-fork work, around the
 # system call, with the GIL held throughout) with that flag, and with CLONE_CHILD_SETTID on the
-# thread descriptor's tid, as the C library's fork() does (the field's offset from glibc's
-# description of it for debuggers, checked here). None where that cannot be done (another C
+# thread descriptor's tid (and CLEARTID), as the C library's fork() does (the field's offset from
+# glibc's description of it for debuggers, checked here). What else that fork() does in the child
+# (its pthread_atfork handlers, the robust-futex list, its internal locks reset) matters to
+# threads and C libraries that this single-threaded server, its preload (the standard library)
+# and a program's setup do not start or load before the fork. None where that cannot be done (another C
 # library, another architecture): the server forks each test's process itself.
-CLONE_PARENT, CLONE_CHILD_SETTID, SIGCHLD_NR = 0x00008000, 0x01000000, 17
+CLONE_PARENT, CLONE_CHILD_CLEARTID, CLONE_CHILD_SETTID, SIGCHLD_NR = 0x00008000, 0x00200000, 0x01000000, 17
 
 def sibling_forking():
     if spec["clone_nr"] is None:
@@ -240,65 +255,68 @@ def sibling_forking():
 
 def fork_sibling():
     libc_gil, tid_address = sibling_forking_with
-    flags = CLONE_PARENT | CLONE_CHILD_SETTID | SIGCHLD_NR
-    ctypes.pythonapi.PyOS_BeforeFork()
     # (the child's tid pointer is the 4th argument on x86_64, the 5th on aarch64, whose 4th, the
     # TLS, is ignored without CLONE_SETTLS: both get it)
-    pid = libc_gil.syscall(ctypes.c_long(spec["clone_nr"]), ctypes.c_ulong(flags), ctypes.c_ulong(0),
-                           ctypes.c_ulong(0), ctypes.c_ulong(tid_address), ctypes.c_ulong(tid_address))
-    err = ctypes.get_errno()
-    if pid == 0:
-        ctypes.pythonapi.PyOS_AfterFork_Child()
-    else:
-        ctypes.pythonapi.PyOS_AfterFork_Parent()
+    args = [ctypes.c_long(spec["clone_nr"]), ctypes.c_ulong(CLONE_PARENT | CLONE_CHILD_SETTID | CLONE_CHILD_CLEARTID | SIGCHLD_NR),
+            ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(tid_address), ctypes.c_ulong(tid_address)]
+    pid = -1
+    ctypes.pythonapi.PyOS_BeforeFork()
+    try:
+        pid = libc_gil.syscall(*args)
+        err = ctypes.get_errno()
+    finally:
+        if pid == 0:
+            ctypes.pythonapi.PyOS_AfterFork_Child()
+        else:
+            ctypes.pythonapi.PyOS_AfterFork_Parent()
     if pid < 0:
         raise OSError(err, os.strerror(err))
     return pid
 
 def send_word(parts, fds=()):
+    # False: the server is gone.
     try:
         if fds:
             ctl.sendmsg(parts, [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))])
         else:
             ctl.sendmsg(parts)
-    except OSError:  # (the server is gone)
-        pass
+    except OSError:
+        return False
+    return True
 
 def prepare_next(token):
     # Fork the spare after this one (fork_sibling), a copy of this process as it is now (it has
-    # run nothing of a program). In the copy: its own streams and uid (it goes round spare_life's
-    # loop). Here: None, once the server has the copy's uid and pid and the server's ends of its
-    # streams on the control socket (or, with no descriptors, word that there is none). As little
-    # as possible runs here after the fork: each page this process writes then is a page copied.
+    # run nothing of a program). In the copy: its own streams and uid, and what it hands itself
+    # over to the server with once its set-up is done (it goes round spare_life's loop). Here:
+    # None (and, if the fork failed, word of it to the server). As little as possible runs here
+    # after the fork: each page this process writes then is a page copied.
     t0 = time.monotonic()
     uid = fresh_uid() if uid_switch else None
     try:
         server_ends, own = new_streams()
     except OSError:
-        send_word([token])
+        send_word([token, b"f"])
         return None
     try:
         pid = fork_sibling()
     except OSError:
-        close_all(server_ends + own[1:])
-        send_word([token])
-        return None
+        pid = None
+        send_word([token, b"f"])
     if pid == 0:
-        return own, uid  # (what it holds of the descriptors before it, its set-up closes)
-    try:
-        os.setpgid(pid, pid)  # (in its own group at once, whichever of the two runs first)
-    except OSError:
-        pass
-    send_word([token, struct.pack("<qid", -1 if uid is None else uid, pid, time.monotonic() - t0)], server_ends)
+        return own, uid, (token, server_ends, t0)
+    if pid is not None:
+        send_word([token, b"c", struct.pack("<i", pid)])
     close_all(server_ends + own[1:])
     return None
 
-def spare_life(own, uid):
+def spare_life(own, uid, handover=None):
     # A test process, from its fork to its test. Before the request, everything that does not
     # depend on it; then, if told to, it forks the spare after it (a copy of this process as it is
     # now: it has run nothing of the program), and waits for its test. The spare after it goes
-    # round the same loop (no deeper call stack from one generation to the next), and inherits
-    # what this one set up for the whole process (SIGTERM's action, oom_score_adj).
+    # round the same loop (no deeper call stack from one generation to the next), inherits what
+    # this one set up for the whole process (SIGTERM's action, oom_score_adj), and hands itself
+    # over to the server (`handover`: the token, the server's ends of its streams) only once it is
+    # in its own process group and holds nothing of this one's descriptors.
     forked_by_the_server = True
     while True:
         in_fd, out_w, err_w, go_r, ready_w = own
@@ -307,11 +325,16 @@ def spare_life(own, uid):
             os.dup2(in_fd, 0)
             os.dup2(out_w, 1)
             os.dup2(err_w, 2)
-            keep = sorted((go_r, ready_w, ctl.fileno()))  # only these and the standard streams stay open
-            os.closerange(3, keep[0])
-            os.closerange(keep[0] + 1, keep[1])
-            os.closerange(keep[1] + 1, keep[2])
-            os.closerange(keep[2] + 1, 1 << 20)
+            # only these and the standard streams stay open (and, until it is handed over, the
+            # server's ends of its streams)
+            close_all_but({go_r, ready_w, ctl.fileno(), *(handover[1] if handover else ())})
+            if handover is not None:
+                token, server_ends, t0 = handover
+                handover = None
+                word = struct.pack("<qid", -1 if uid is None else uid, os.getpid(), time.monotonic() - t0)
+                if not send_word([token, b"h", word], server_ends):
+                    os._exit(0)
+                close_all(server_ends)
             if forked_by_the_server:
                 forked_by_the_server = False
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -335,7 +358,7 @@ def spare_life(own, uid):
         if word[:1] == b"p":
             successor = prepare_next(word[1:5])
             if successor is not None:  # (this is the spare after it: round the loop with its own streams)
-                own, uid = successor
+                own, uid, handover = successor
                 continue
             word = os.read(go_r, 1)
         ctl.close()  # (before its test: the program never holds the control socket)
@@ -447,7 +470,9 @@ def wipe(uid):
     return all(is_empty(d) for d in dirty)
 
 spares = []  # the next tests' processes, in order: forked ahead, each (mostly) by the one before
-pending = None  # (token, spare) of the spare asked to fork the one after it, until its answer comes
+# The spare asked to fork the one after it, until that one is handed over: {"token", "asker", and
+# "pid" once the asker has word of the fork}.
+pending = None
 PREPARE_WAIT_S = 5.0
 
 def ask_to_prepare(sp):
@@ -455,45 +480,67 @@ def ask_to_prepare(sp):
     last_token = (last_token + 1) & 0xFFFFFFFF
     token = last_token.to_bytes(4, "little")
     sp.prepare(token)
-    pending = (token, sp)
+    pending = {"token": token, "asker": sp, "pid": None}
 
-def receive_prepared(wait_s):
-    # The answer of the spare asked to fork the one after it (it came during the previous test,
-    # as a rule): the new spare joins the queue. None comes when that spare died or could not
-    # fork, or in `wait_s` (then the next test's process forks its own; 0: look, do not wait); an
-    # answer to an earlier request (late) is dropped, its spare with it (it reads the end of its
-    # request pipe and exits).
+def receive_prepared(wait_s, until="handover"):
+    # The words on the control socket about the spare being forked: its pid from the spare that
+    # forks it, right after the fork ("c"), then the spare itself, once it is set up ("h": the
+    # server's ends of its streams), which joins the queue; or word that the fork failed ("f").
+    # Waits `wait_s` at most (0: takes what came) until the handover, or `until="pid"` only until
+    # the pid is known (enough to tell the spare from a test's leftovers). A spare too slow to
+    # answer in `wait_s`, or whose asker died, is given up on (the next test's process is then
+    # forked by this server); an answer to an earlier request (late) is dropped, its spare with it
+    # (it reads the end of its request pipe and exits).
     global pending
     deadline = time.monotonic() + wait_s
-    while pending is not None:
-        token, asker = pending
+    while pending is not None and not (until == "pid" and pending["pid"] is not None):
         poller = select.poll()
         poller.register(ctl_srv, select.POLLIN)
-        poller.register(asker.pidfd, select.POLLIN)
+        poller.register(pending["asker"].pidfd, select.POLLIN)
         left = deadline - time.monotonic()
         events = dict(poller.poll(max(0.0, left) * 1000))
         if not events:
-            if wait_s > 0:  # (too slow)
-                pending = None
+            if wait_s > 0:  # (too slow: it may be forking still, and must not get its test meanwhile)
+                give_up_on_pending()
             return
-        if ctl_srv.fileno() in events:
-            msg, fds, _, _ = socket.recv_fds(ctl_srv, 64, 5)
-            if msg[:4] != token or len(fds) != 5 or len(msg) != 24:
-                close_all(fds)
-                if msg[:4] == token:  # (it could not fork)
-                    pending = None
-                continue
+        if ctl_srv.fileno() not in events:
+            give_up_on_pending()  # (the asker died)
+            return
+        msg, fds, _, _ = socket.recv_fds(ctl_srv, 64, 5)
+        kind = msg[4:5]
+        if msg[:4] != pending["token"] or (kind == b"h") != (len(fds) == 5) or kind not in (b"c", b"f", b"h"):
+            close_all(fds)  # (an earlier request's)
+            continue
+        if kind == b"c":
+            pending["pid"] = struct.unpack("<i", msg[5:9])[0]
+        elif kind == b"f":
             pending = None
-            uid, pid, fork_s = struct.unpack("<qid", msg[4:])
+        else:
+            uid, pid, fork_s = struct.unpack("<qid", msg[5:25])
+            pending = None
             try:
                 spares.append(Spare(pid, None if uid < 0 else uid, fds, fork_s))
             except OSError:  # (gone already)
                 close_all(fds)
-            return
-        pending = None  # (it died)
+
+def give_up_on_pending():
+    global pending
+    asker, pid, pending = pending["asker"], pending["pid"], None
+    if asker in spares:
+        spares.remove(asker)
+        asker.discard()
+    if pid is not None:  # (this server's child: reaped with the next test's leftovers)
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
 
 def keep_spares():
-    return {sp.pid for sp in spares}
+    # The pids of this server's children that are no test's leftovers.
+    keep = {sp.pid for sp in spares}
+    if pending is not None and pending["pid"] is not None:
+        keep.add(pending["pid"])
+    return keep
 
 def run_one(req, data):
     t_request = time.monotonic()
@@ -551,9 +598,10 @@ def run_one(req, data):
         for fd, _ in poller.poll(left * 1000):
             if fd == s.pidfd:
                 exited = True
-            elif fd == ctl_srv.fileno():
-                poller.unregister(fd)
+            elif fd == ctl_srv.fileno():  # (word of the spare being forked)
                 receive_prepared(0)
+                if pending is None:
+                    poller.unregister(fd)
             else:
                 read_from(fd)
                 if len(out[fd]) > cap:
@@ -563,6 +611,9 @@ def run_one(req, data):
         signal.pidfd_send_signal(s.pidfd, signal.SIGKILL)
     _, wait_status, usage = os.wait4(s.pid, 0)
     t_exit = time.monotonic()
+    if pending is not None:
+        # (the spare being forked while this test ran is this server's child: not a leftover)
+        receive_prepared(PREPARE_WAIT_S, until="pid")
     # What the program wrote before it ended.
     for fd in list(open_fds):
         os.set_blocking(fd, False)
@@ -575,10 +626,6 @@ def run_one(req, data):
     # Anything it left running (its orphans come to this subreaper: no child of this process but
     # the next test's means no process of the test is left) is killed, then the rest of its
     # output read to EOF.
-    if pending is not None:
-        # (the spare forked while this test ran is this server's child: its answer first, so that
-        # it is not taken for a leftover; it comes a moment after the fork, as a rule before now)
-        receive_prepared(PREPARE_WAIT_S)
     keep = keep_spares()
     leftovers = bool(open_fds) or any(pid not in keep for pid in children(os.getpid()))
     if leftovers:
@@ -586,6 +633,7 @@ def run_one(req, data):
             os.killpg(s.pid, signal.SIGKILL)
         except OSError:
             pass
+        reaped.clear()  # (only this sweep's: a pid reaped earlier may be a spare's by now)
         kill_descendants(keep=keep)
         for sp in [sp for sp in spares if sp.pid in reaped]:  # (the program killed it)
             spares.remove(sp)
@@ -599,7 +647,7 @@ def run_one(req, data):
     setup_error = None if ready == b"k" else ready.decode(errors="replace") or "the test's process ended before its program"
     stdout, stderr = (bytes(buf[: cap + 1]) for buf in out.values())
     clean = wipe(s.uid)  # (a few directory reads; a process to remove files only when there are some)
-    head = {"event": "test", "unclean": not clean, "wait_status": wait_status, "maxrss_kb": usage.ru_maxrss,
+    head = {"event": "test", "unclean": not clean, "forked_by": s.forked_by, "wait_status": wait_status, "maxrss_kb": usage.ru_maxrss,
             "cpu_s": usage.ru_utime + usage.ru_stime, "wall_s": t_exit - t0, "killed_for": killed_for,
             "setup_error": setup_error, "out": len(stdout), "err": len(stderr),
             # where the test's time went, from the request's arrival (for the grading benchmark)

@@ -236,6 +236,7 @@ class SandboxSession:
         res.cpu_s = float(head["cpu_s"])
         res.peak_rss_mb = float(head["maxrss_kb"]) / 1024.0
         res.phases = {**head.get("phases", {}), "round_trip": time.monotonic() - t0}
+        res.forked_by = head.get("forked_by")  # ("server" or "spare": which process forked the run's)
         if head.get("unclean"):  # (the server could not wipe what the program left: it ends)
             self.broken = True
         if head.get("setup_error"):
