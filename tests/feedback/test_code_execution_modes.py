@@ -381,7 +381,6 @@ print(os.getpgid(0) == os.getpid(), os.getuid())
 """
 
 
-@needs_reuse  # (fresh uids)
 @pytest.mark.parametrize("forker", ["the process before", "the server"])
 def test_every_test_process_starts_alike(forker, monkeypatch):
     # No child (none of the processes forked ahead is its child), the OOM killer's first pick, the
@@ -406,9 +405,15 @@ def test_every_test_process_starts_alike(forker, monkeypatch):
                 forked_by.clear()
                 results = run_tests(FRESH_PROCESS, [{"input": "", "output": "?"}] * 6, limits=limits_for(mode))
                 firsts = {r.actual.split("\n")[0] + "\n" for r in results}
-                assert firsts == {expected}, (mode, [r.actual or r.error for r in results])
+                if os.geteuid() == 0:
+                    assert firsts == {expected}, (mode, [r.actual or r.error for r in results])
+                else:  # (oom_score_adj may not be raised in an unprivileged user namespace)
+                    (first,) = firsts
+                    got, want = first.split(), expected.split()
+                    assert got[:2] + got[3:] == want[:2] + want[3:], results
                 groups_and_uids = [r.actual.split("\n")[1].split() for r in results]
-                assert len({uid for _, uid in groups_and_uids}) == 6  # (a fresh uid each)
+                if os.geteuid() == 0:  # (a fresh uid each where the sandbox switches uids)
+                    assert len({uid for _, uid in groups_and_uids}) == 6
                 if mode == "per_response":
                     assert {own_group for own_group, _ in groups_and_uids} == {"True"}
                     chained = ["spare"] * 4 if forker == "the process before" else ["server"] * 4
