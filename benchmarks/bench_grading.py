@@ -220,7 +220,7 @@ _result_of_run = harness.result_of_run
 
 
 PHASES = {  # the fork server's phases of one test (forkserver.py), and the host's share
-    "fork": "fork the test's process, before its test (between tests)",
+    "fork": "fork the test's process and set it up, before its test (while the previous one runs)",
     "dispatch": "request read, input and limits handed to the process",
     "run": "the process wakes, takes its uid, runs the program and exits",
     "collect": "output drained, leftovers checked, report written",

@@ -420,3 +420,49 @@ def test_every_test_process_starts_alike(forker, monkeypatch):
                     assert forked_by == ["server", "server", *chained]
     finally:
         code_harness.close_idle_sandboxes()
+
+
+# Faults of the fork server's own processes, injected into its text: each must leave the
+# verdicts as they are (the server forks the next test's process itself, or the root carries on).
+SERVER_FAULTS = {
+    # the spare forked by the one before it dies before it hands itself over
+    "a forked spare dies": ('                if not send_word([token, b"h", word], server_ends):',
+                            '                os._exit(1)\n                if not send_word([token, b"h", word], server_ends):'),
+    # ... or takes longer than the server waits for it
+    "a forked spare is too slow": ("PREPARE_WAIT_S = 5.0", "PREPARE_WAIT_S = 0.001"),
+    # the spare asked to fork the one after it cannot fork
+    "a spare cannot fork": ("        pid = fork_sibling()",
+                            "        pid = (_ for _ in ()).throw(OSError(11, 'injected'))"),
+    # the root looks at a response server only after the next one has served a whole response
+    "the root is late": ("    status = reaped.pop(current[0], None)",
+                         "    time.sleep(0.2)\n    status = reaped.pop(current[0], None)"),
+}
+
+
+@needs_bwrap
+@pytest.mark.parametrize("fault", list(SERVER_FAULTS))
+def test_faults_of_the_servers_own_processes_change_no_verdict(fault, monkeypatch):
+    old, new = SERVER_FAULTS[fault]
+    server = sandbox_runner._FORKSERVER
+    assert server.count(old) == 1
+    monkeypatch.setattr(sandbox_runner, "_FORKSERVER", server.replace(old, new))
+    forked_by, sessions = [], []
+    grab, start = code_harness.result_of_run, sandbox_session.SandboxSession.__init__
+    monkeypatch.setattr(code_harness, "result_of_run",
+                        lambda res, *a, **k: forked_by.append(getattr(res, "forked_by", None)) or grab(res, *a, **k))
+    monkeypatch.setattr(sandbox_session.SandboxSession, "__init__",
+                        lambda self, *a, **k: sessions.append(self) or start(self, *a, **k))
+    tests = [{"input": f"{i} {i}\n", "output": f"{2 * i}\n"} for i in range(8)]
+    wrong_on_5 = "a, b = map(int, input().split())\nprint(a + b + (a == 5))\n"
+    code_harness.close_idle_sandboxes()  # (sandboxes of the usual server)
+    try:
+        for _ in range(3):  # (one sandbox for all six responses, where run by root)
+            assert run_tests(SUM, tests[:1], limits=limits_for("per_response"))[0].status == "passed"
+            statuses = [r.status for r in run_tests(wrong_on_5, tests, limits=limits_for("per_response"))]
+            assert statuses == ["passed"] * 5 + ["wrong_answer"] + ["passed"] * 2, fault
+    finally:
+        code_harness.close_idle_sandboxes()
+    if fault in ("a forked spare dies", "a spare cannot fork"):  # (the fault did happen)
+        assert set(forked_by) == {"server"}
+    if os.geteuid() == 0:  # (the root carried on, late or not: no sandbox was lost)
+        assert len(sessions) == 1

@@ -471,7 +471,7 @@ def wipe(uid):
 
 spares = []  # the next tests' processes, in order: forked ahead, each (mostly) by the one before
 # The spare asked to fork the one after it, until that one is handed over: {"token", "asker", and
-# "pid" once the asker has word of the fork}.
+# "pid" and "pidfd" of the spare it forks once it has said so}.
 pending = None
 PREPARE_WAIT_S = 5.0
 
@@ -480,7 +480,7 @@ def ask_to_prepare(sp):
     last_token = (last_token + 1) & 0xFFFFFFFF
     token = last_token.to_bytes(4, "little")
     sp.prepare(token)
-    pending = {"token": token, "asker": sp, "pid": None}
+    pending = {"token": token, "asker": sp, "pid": None, "pidfd": None}
 
 def receive_prepared(wait_s, until="handover"):
     # The words on the control socket about the spare being forked: its pid from the spare that
@@ -497,14 +497,17 @@ def receive_prepared(wait_s, until="handover"):
         poller = select.poll()
         poller.register(ctl_srv, select.POLLIN)
         poller.register(pending["asker"].pidfd, select.POLLIN)
+        if pending["pidfd"] is not None:
+            poller.register(pending["pidfd"], select.POLLIN)
         left = deadline - time.monotonic()
         events = dict(poller.poll(max(0.0, left) * 1000))
         if not events:
             if wait_s > 0:  # (too slow: it may be forking still, and must not get its test meanwhile)
-                give_up_on_pending()
+                give_up_on_pending(discard_asker=True)
             return
         if ctl_srv.fileno() not in events:
-            give_up_on_pending()  # (the asker died)
+            # The asker died, or the spare it forked did (the asker is as good as any other spare).
+            give_up_on_pending(discard_asker=pending["asker"].pidfd in events)
             return
         msg, fds, _, _ = socket.recv_fds(ctl_srv, 64, 5)
         kind = msg[4:5]
@@ -513,27 +516,38 @@ def receive_prepared(wait_s, until="handover"):
             continue
         if kind == b"c":
             pending["pid"] = struct.unpack("<i", msg[5:9])[0]
+            try:
+                pending["pidfd"] = os.pidfd_open(pending["pid"])
+            except OSError:  # (gone already)
+                give_up_on_pending(discard_asker=False)
         elif kind == b"f":
-            pending = None
+            give_up_on_pending(discard_asker=False)
         else:
             uid, pid, fork_s = struct.unpack("<qid", msg[5:25])
-            pending = None
+            forget_pending()
             try:
                 spares.append(Spare(pid, None if uid < 0 else uid, fds, fork_s))
             except OSError:  # (gone already)
                 close_all(fds)
 
-def give_up_on_pending():
+def forget_pending():
     global pending
-    asker, pid, pending = pending["asker"], pending["pid"], None
-    if asker in spares:
-        spares.remove(asker)
-        asker.discard()
-    if pid is not None:  # (this server's child: reaped with the next test's leftovers)
+    if pending["pidfd"] is not None:
+        os.close(pending["pidfd"])
+    pending = None
+
+def give_up_on_pending(discard_asker):
+    # No spare after the asker this time (the next test's process is forked by this server).
+    asker, pidfd = pending["asker"], pending["pidfd"]
+    if pidfd is not None:  # (this server's child: reaped with the next test's leftovers)
         try:
-            os.kill(pid, signal.SIGKILL)
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
         except OSError:
             pass
+    forget_pending()
+    if discard_asker and asker in spares:
+        spares.remove(asker)
+        asker.discard()
 
 def keep_spares():
     # The pids of this server's children that are no test's leftovers.
