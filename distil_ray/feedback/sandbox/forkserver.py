@@ -28,9 +28,10 @@ waits for the response's first request. Three processes deep, then:
   once its first test has run: on this side of the fork no page is copied on the tests' path. A
   test process takes its own process group, its standard streams (stdin a memfd the server fills
   when the request comes, fresh pipes for stdout and stderr) and ``oom_score_adj`` 1000; then,
-  when the server asks, it forks the test process after it and hands it over (its pid and the
-  server's ends of its streams, on a control socket it closes before its own test); then it
-  waits. The server sets its rlimits (``prlimit``) and gives the word: it switches to a *fresh
+  when the server asks, it forks the test process after it (clone with ``CLONE_PARENT``: the
+  server's child, not its own) and says its pid on a control socket, which it closes before its
+  own test; the new process hands itself over on it (the server's ends of its streams) once it
+  is set up. Then it waits. The server sets its rlimits (``prlimit``) and gives the word: it switches to a *fresh
   uid of its own* (when the server may switch uids, i.e. run by root), enters the working
   directory and runs the main program as ``__main__``.
 
