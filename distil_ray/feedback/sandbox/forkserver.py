@@ -474,7 +474,10 @@ spares = []  # the next tests' processes, in order: forked ahead, each (mostly) 
 # The spare asked to fork the one after it, until that one is handed over: {"token", "asker", and
 # "pid" and "pidfd" of the spare it forks once it has said so}.
 pending = None
-PREPARE_WAIT_S = 5.0
+# How long the server waits for the spare being forked, at a test's start and at its end: well
+# within the host's grace past a test's time limit (session._REPLY_GRACE_S), so that a stalled
+# spare costs the server a fork of its own, never the test its result.
+PREPARE_WAIT_S = 0.5
 
 def ask_to_prepare(sp):
     global pending, last_token
@@ -495,6 +498,9 @@ def receive_prepared(wait_s, until="handover"):
     global pending
     deadline = time.monotonic() + wait_s
     while pending is not None and not (until == "pid" and pending["pid"] is not None):
+        if pending["asker"].pidfd is None:  # (discarded: the program killed it)
+            give_up_on_pending(discard_asker=False)
+            return
         poller = select.poll()
         poller.register(ctl_srv, select.POLLIN)
         poller.register(pending["asker"].pidfd, select.POLLIN)
@@ -525,9 +531,15 @@ def receive_prepared(wait_s, until="handover"):
             give_up_on_pending(discard_asker=False)
         else:
             uid, pid, fork_s = struct.unpack("<qid", msg[5:25])
+            if pending["pid"] not in (None, pid):  # (not the process the asker forked)
+                close_all(fds)
+                give_up_on_pending(discard_asker=True)
+                return
+            pidfd, pending["pidfd"] = pending["pidfd"], None
             forget_pending()
             try:
-                spares.append(Spare(pid, None if uid < 0 else uid, fds, fork_s))
+                # (its pidfd, if its pid came first; else by pid, safe: none but this server reaps it)
+                spares.append(Spare(pid, None if uid < 0 else uid, fds, fork_s, pidfd=pidfd))
             except OSError:  # (gone already)
                 close_all(fds)
 
@@ -539,11 +551,12 @@ def forget_pending():
 
 def give_up_on_pending(discard_asker):
     # No spare after the asker this time (the next test's process is forked by this server).
-    asker, pidfd = pending["asker"], pending["pidfd"]
-    if pidfd is not None:  # (this server's child: reaped with the next test's leftovers)
+    asker, pid, pidfd = pending["asker"], pending["pid"], pending["pidfd"]
+    if pidfd is not None:  # (this server's child)
         try:
             signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-        except OSError:
+            os.waitpid(pid, 0)
+        except (OSError, ChildProcessError):  # (reaped already)
             pass
     forget_pending()
     if discard_asker and asker in spares:
@@ -651,6 +664,8 @@ def run_one(req, data):
         reaped.clear()  # (only this sweep's: a pid reaped earlier may be a spare's by now)
         kill_descendants(keep=keep)
         for sp in [sp for sp in spares if sp.pid in reaped]:  # (the program killed it)
+            if pending is not None and pending["asker"] is sp:
+                give_up_on_pending(discard_asker=False)
             spares.remove(sp)
             sp.discard()
         for fd in list(open_fds):
