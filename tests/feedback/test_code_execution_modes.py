@@ -355,6 +355,21 @@ def test_livecodebench_grading_is_the_same_in_both_modes():
         LiveCodeBenchConfig(execution="threads")
 
 
+def patch_server(monkeypatch, old: str, new: str) -> None:
+    """The fork server's text with ``old`` (found exactly once) replaced by ``new``."""
+    server = sandbox_runner._FORKSERVER
+    assert server.count(old) == 1, old
+    monkeypatch.setattr(sandbox_runner, "_FORKSERVER", server.replace(old, new))
+
+
+def record_forked_by(monkeypatch) -> list:
+    """Which process forked each test's process ("server" or "spare"), in the order graded."""
+    forked_by, grade = [], code_harness.result_of_run
+    monkeypatch.setattr(code_harness, "result_of_run",
+                        lambda res, *a, **k: forked_by.append(getattr(res, "forked_by", None)) or grade(res, *a, **k))
+    return forked_by
+
+
 # What a test's process looks like from inside, whichever process forked it (the first of a
 # response comes from the response server, the next ones each from the one before).
 FRESH_PROCESS = """
@@ -389,14 +404,8 @@ def test_every_test_process_starts_alike(forker, monkeypatch):
     # per response) a process group of its own. Whether each is forked by the test process before
     # it (the rule) or by the server (where the C library gives no clone with CLONE_PARENT).
     if forker == "the server":
-        server = sandbox_runner._FORKSERVER
-        monkeypatch.setattr(sandbox_runner, "_FORKSERVER", server.replace(
-            "sibling_forking_with = sibling_forking()", "sibling_forking_with = None"))
-        assert sandbox_runner._FORKSERVER != server
-    forked_by = []
-    grab = code_harness.result_of_run
-    monkeypatch.setattr(code_harness, "result_of_run",
-                        lambda res, *a, **k: forked_by.append(getattr(res, "forked_by", None)) or grab(res, *a, **k))
+        patch_server(monkeypatch, "sibling_forking_with = sibling_forking()", "sibling_forking_with = None")
+    forked_by = record_forked_by(monkeypatch)
     expected = "no child 1000 True True [0, 1, 2] (16, 16) True True\n"
     code_harness.close_idle_sandboxes()  # (sandboxes of the other server)
     try:
@@ -443,14 +452,9 @@ SERVER_FAULTS = {
 @needs_bwrap
 @pytest.mark.parametrize("fault", list(SERVER_FAULTS))
 def test_faults_of_the_servers_own_processes_change_no_verdict(fault, monkeypatch):
-    old, new = SERVER_FAULTS[fault]
-    server = sandbox_runner._FORKSERVER
-    assert server.count(old) == 1
-    monkeypatch.setattr(sandbox_runner, "_FORKSERVER", server.replace(old, new))
-    forked_by, sessions = [], []
-    grab, start = code_harness.result_of_run, sandbox_session.SandboxSession.__init__
-    monkeypatch.setattr(code_harness, "result_of_run",
-                        lambda res, *a, **k: forked_by.append(getattr(res, "forked_by", None)) or grab(res, *a, **k))
+    patch_server(monkeypatch, *SERVER_FAULTS[fault])
+    forked_by, sessions = record_forked_by(monkeypatch), []
+    start = sandbox_session.SandboxSession.__init__
     monkeypatch.setattr(sandbox_session.SandboxSession, "__init__",
                         lambda self, *a, **k: sessions.append(self) or start(self, *a, **k))
     tests = [{"input": f"{i} {i}\n", "output": f"{2 * i}\n"} for i in range(8)]

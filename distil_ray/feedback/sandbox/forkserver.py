@@ -31,9 +31,9 @@ waits for the response's first request. Three processes deep, then:
   when the server asks, it forks the test process after it (clone with ``CLONE_PARENT``: the
   server's child, not its own) and says its pid on a control socket, which it closes before its
   own test; the new process hands itself over on it (the server's ends of its streams) once it
-  is set up. Then it waits. The server sets its rlimits (``prlimit``) and gives the word: it switches to a *fresh
-  uid of its own* (when the server may switch uids, i.e. run by root), enters the working
-  directory and runs the main program as ``__main__``.
+  is set up. Then it waits. The server sets its rlimits (``prlimit``) and gives the word: it
+  switches to a *fresh uid of its own* (when the server may switch uids, i.e. run by root),
+  enters the working directory and runs the main program as ``__main__``.
 
 The response server waits (pidfd) until the test process exits, its wall time runs out or an
 output goes past its cap; then it kills the process, its process group and every other
@@ -153,9 +153,10 @@ def close_all_but(keep):
 class Spare:
     # A test process forked before its test is known, and the server's ends of its streams. It is
     # forked either by this server (the first of a response, or when the chain broke) or by the
-    # spare before it, while that one still waits for its own test (see `prepare_next`): that way this
-    # server forks almost never, and its memory, which it keeps writing, is shared with no other
-    # process (each page it writes while a fork of it lives is a page copied, on the tests' path).
+    # spare before it, while that one still waits for its own test (see `prepare_next`): that way
+    # this server forks almost never, and its memory, which it keeps writing, is shared with no
+    # other process (each page it writes while a fork of it lives is a page copied, on the tests'
+    # path).
     def __init__(self, pid, uid, server_ends, fork_s, pidfd=None, forked_by="spare"):
         self.pid, self.uid, self.fork_s, self.forked_by = pid, uid, fork_s, forked_by
         self.in_fd, self.out_r, self.err_r, self.ready_r, self.go_w = server_ends
@@ -176,7 +177,7 @@ class Spare:
         if pid == 0:
             spare_life(own_ends, uid)  # (what it holds of this server's descriptors its set-up closes)
         close_all(own_ends[1:])
-        return cls(pid, uid, server_ends, time.monotonic() - t0, os.pidfd_open(pid), forked_by="server")
+        return cls(pid, uid, server_ends, time.monotonic() - t0, forked_by="server")
 
     def prepare(self, token):
         # Ask it to fork the spare after it now (it has not run anything yet): the answer comes on
@@ -231,8 +232,8 @@ class Spare:
 # glibc's description of it for debuggers, checked here). What else that fork() does in the child
 # (its pthread_atfork handlers, the robust-futex list, its internal locks reset) matters to
 # threads and C libraries that this single-threaded server, its preload (the standard library)
-# and a program's setup do not start or load before the fork. None where that cannot be done (another C
-# library, another architecture): the server forks each test's process itself.
+# and a program's setup do not start or load before the fork. None where that cannot be done
+# (another C library, another architecture): the server forks each test's process itself.
 CLONE_PARENT, CLONE_CHILD_CLEARTID, CLONE_CHILD_SETTID, SIGCHLD_NR = 0x00008000, 0x00200000, 0x01000000, 17
 
 def sibling_forking():
@@ -258,8 +259,9 @@ def fork_sibling():
     libc_gil, tid_address = sibling_forking_with
     # (the child's tid pointer is the 4th argument on x86_64, the 5th on aarch64, whose 4th, the
     # TLS, is ignored without CLONE_SETTLS: both get it)
-    args = [ctypes.c_long(spec["clone_nr"]), ctypes.c_ulong(CLONE_PARENT | CLONE_CHILD_SETTID | CLONE_CHILD_CLEARTID | SIGCHLD_NR),
-            ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(tid_address), ctypes.c_ulong(tid_address)]
+    flags = CLONE_PARENT | CLONE_CHILD_SETTID | CLONE_CHILD_CLEARTID | SIGCHLD_NR
+    args = [ctypes.c_long(spec["clone_nr"]), ctypes.c_ulong(flags), ctypes.c_ulong(0), ctypes.c_ulong(0),
+            ctypes.c_ulong(tid_address), ctypes.c_ulong(tid_address)]
     pid = -1
     ctypes.pythonapi.PyOS_BeforeFork()
     try:
@@ -535,8 +537,7 @@ def receive_prepared(wait_s, until="handover"):
                 close_all(fds)
                 give_up_on_pending(discard_asker=True)
                 return
-            pidfd, pending["pidfd"] = pending["pidfd"], None
-            forget_pending()
+            pidfd, pending = pending["pidfd"], None  # (its pidfd goes to the Spare)
             try:
                 # (its pidfd, if its pid came first; else by pid, safe: none but this server reaps it)
                 spares.append(Spare(pid, None if uid < 0 else uid, fds, fork_s, pidfd=pidfd))
